@@ -1,0 +1,34 @@
+"""dcft_kernels: fused kernels for DCFT, LoRA and DeLoRA adapters.
+
+One structured weight delta ``ΔW = s · (B·C·A) ⊗ K`` serves all three; it is
+applied as ``x·ΔWᵀ`` (with exact gradients) without ever building ΔW.
+"""
+from .functional import (
+    dcft_linear,
+    delora_linear,
+    lora_linear,
+    structured_delta_linear,
+    structured_delta_weight,
+)
+from .modules import AdaptedLinear, DCFTLinear, DeLoRALinear, LoRALinear
+from .params import adapter_parameters, count_adapter_parameters
+from .regularizers import mpc_d_penalty, orthogonality_loss, orthogonality_penalty
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptedLinear",
+    "DCFTLinear",
+    "DeLoRALinear",
+    "LoRALinear",
+    "adapter_parameters",
+    "count_adapter_parameters",
+    "dcft_linear",
+    "delora_linear",
+    "lora_linear",
+    "mpc_d_penalty",
+    "orthogonality_loss",
+    "orthogonality_penalty",
+    "structured_delta_linear",
+    "structured_delta_weight",
+]

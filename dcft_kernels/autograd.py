@@ -1,0 +1,78 @@
+"""The autograd.Function of the structured-delta op, and backend dispatch.
+
+Saved for backward: ``x`` (a reference, never a copy), the frozen/trainable
+factors, and the small fp32 ``T`` (tokens × r × d). ΔW is never built, and the
+dropout mask is regenerated from its seed instead of being stored.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from functools import lru_cache
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cpp", "reference")
+_OP_MODULES = {"torch": "torch_backend", "triton": "triton_backend", "cpp": "cpp_backend"}
+
+
+@lru_cache(maxsize=None)
+def _load(name: str):
+    return importlib.import_module(f"dcft_kernels.ops.{_OP_MODULES[name]}")
+
+
+@lru_cache(maxsize=None)
+def is_available(name: str) -> bool:
+    """Whether backend ``name`` can run here (imports it, compiling the C++ one if needed)."""
+    if name in ("torch", "reference"):
+        return True
+    try:
+        return bool(_load(name).is_available())
+    except Exception as exc:  # missing triton, no compiler, ...
+        warnings.warn(f"dcft_kernels: backend {name!r} is unavailable ({exc})", stacklevel=3)
+        return False
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """Map a requested backend (possibly "auto") to the concrete one used for ``device``."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name != "auto":
+        return name
+    if device.type == "cuda" and is_available("triton"):
+        return "triton"
+    return "torch"
+
+
+def get_ops(name: str):
+    """The backend module for a concrete backend name; clear error if it cannot run."""
+    if name == "torch":
+        return _load("torch")
+    if not is_available(name):
+        raise RuntimeError(f"backend={name!r} was requested but is not available on this machine")
+    return _load(name)
+
+
+class StructuredDeltaLinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ + b + s · drop(x) ((B·C·A) ⊗ K)ᵀ`` with exact gradients for every input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, core, kernel, scaling, p, seed, backend):
+        ops = get_ops(backend)
+        x2d = x.reshape(-1, x.shape[-1])
+        y, T = ops.forward(x2d, weight, bias, A, B, core, kernel, scaling, p, seed)
+        ctx.save_for_backward(x2d, weight, A, B, core, kernel, T)
+        ctx.scaling, ctx.p, ctx.seed, ctx.backend = scaling, p, seed, backend
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2d, weight, A, B, core, kernel, T = ctx.saved_tensors
+        grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
+        dx, dW, db, dA, dB, dC, dK = get_ops(ctx.backend).backward(
+            grad_y2d, x2d, weight, A, B, core, kernel, T, ctx.scaling, ctx.p, ctx.seed,
+            tuple(ctx.needs_input_grad[:7]),
+        )
+        if dx is not None:
+            dx = dx.reshape(*grad_y.shape[:-1], x2d.shape[-1])
+        return dx, dW, db, dA, dB, dC, dK, None, None, None, None

@@ -1,0 +1,83 @@
+"""Public functional API: one structured-delta op and its three adapters.
+
+All compute ``y = x Wᵀ + b + scaling · drop(x) ΔWᵀ`` with
+``ΔW = (B · C · A) ⊗ K`` cropped to ``out × in`` — without building ΔW.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .autograd import StructuredDeltaLinearFunction, resolve_backend
+from .dropout import dropout_mask, new_seed
+from .validation import check_structured_delta_args
+
+
+def structured_delta_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    core: torch.Tensor | None = None,
+    kernel: torch.Tensor | None = None,
+    *,
+    scaling: float = 1.0,
+    dropout: float = 0.0,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The one op behind every adapter.
+
+    Args:
+        x: input ``(..., in)``; any leading dims, any strides.
+        weight: frozen (or trainable) ``(out, in)`` weight; bias: ``(out,)`` or None.
+        A: ``(r, ⌈in/d⌉)``; B: ``(⌈out/d⌉, r)``; core: ``(r, r)`` or None (identity);
+            kernel: ``(d, d)`` or None (d = 1, K = [[1]]).
+        scaling: the scalar ``s`` in front of ΔW.
+        dropout: probability of zeroing an element of ``x`` on the adapter branch only.
+        seed: dropout seed (drawn from torch's generator when None); the same seed gives
+            the same mask on every backend.
+        backend: "auto" (Triton on CUDA when available, else torch), "torch", "triton",
+            "cpp" or "reference" (dense ΔW; slow, for checking).
+    """
+    check_structured_delta_args(x, weight, bias, A, B, core, kernel, scaling, dropout)
+    name = resolve_backend(backend, x.device)
+    p = float(dropout)
+    if p > 0.0 and seed is None:
+        seed = new_seed()
+    seed = 0 if seed is None else int(seed)
+    if name == "reference":
+        mask = dropout_mask(x.shape, p, seed, x.device, x.dtype) if p > 0.0 else None
+        return reference.structured_delta_linear(x, weight, bias, A, B, core, kernel, scaling, mask)
+    return StructuredDeltaLinearFunction.apply(x, weight, bias, A, B, core, kernel, float(scaling), p, seed, name)
+
+
+def dcft_linear(x, weight, bias, A, B, kernel, *, scaling=1.0, dropout=0.0, seed=None, backend="auto"):
+    """DCFT: ``ΔW = scaling · ConvTranspose2d(B·A, kernel, stride=d)`` = ``scaling · (B·A) ⊗ kernel``."""
+    return structured_delta_linear(
+        x, weight, bias, A, B, None, kernel, scaling=scaling, dropout=dropout, seed=seed, backend=backend
+    )
+
+
+def lora_linear(x, weight, bias, A, B, *, scaling=1.0, dropout=0.0, seed=None, backend="auto"):
+    """LoRA: ``ΔW = scaling · B·A`` with A ``(r, in)`` and B ``(out, r)``."""
+    return structured_delta_linear(
+        x, weight, bias, A, B, None, None, scaling=scaling, dropout=dropout, seed=seed, backend=backend
+    )
+
+
+def delora_linear(x, weight, bias, A, B, core, *, scaling=1.0, dropout=0.0, seed=None, backend="auto"):
+    """DeLoRA (decomposition-based): ``ΔW = scaling · B·Σ·A`` with A, B frozen and Σ = ``core``."""
+    return structured_delta_linear(
+        x, weight, bias, A, B, core, None, scaling=scaling, dropout=dropout, seed=seed, backend=backend
+    )
+
+
+def structured_delta_weight(A, B, core=None, kernel=None, out_features=None, in_features=None, scaling=1.0):
+    """Build ΔW densely (for merging and inspection): ``scaling · kron(B·C·A, K)`` cropped."""
+    small = B @ core @ A if core is not None else B @ A
+    delta = torch.kron(small, kernel) if kernel is not None else small
+    out_features = delta.shape[0] if out_features is None else out_features
+    in_features = delta.shape[1] if in_features is None else in_features
+    return scaling * delta[:out_features, :in_features]

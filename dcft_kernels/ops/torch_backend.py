@@ -1,0 +1,90 @@
+"""The structured-delta op in plain PyTorch (einsum / matmul); runs on any device.
+
+Never builds ΔW: the adapter costs ``r·(in + out) + r·d²`` multiply-adds a token.
+The shrink reshapes ``x`` (one transient copy when d > 1), which the fused
+Triton and C++ backends avoid.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..dropout import dropout_mask
+
+
+def _blocks(t: torch.Tensor, n_blocks: int, d: int) -> torch.Tensor:
+    """View a (tokens, features) tensor as (tokens, n_blocks, d), zero-padding the tail."""
+    pad = n_blocks * d - t.shape[1]
+    if pad:
+        t = F.pad(t, (0, pad))
+    return t.reshape(t.shape[0], n_blocks, d)
+
+
+def _dropped(x, p, seed):
+    if p == 0.0:
+        return x
+    return x * dropout_mask(x.shape, p, seed, device=x.device, dtype=x.dtype)
+
+
+def _acc(dtype):
+    """Accumulation dtype of the small tensors: fp32, or fp64 for fp64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _mix(T, core, kernel):
+    """U = C · T · Kᵀ per token, in T's (accumulation) dtype."""
+    if core is not None:
+        T = core.to(T.dtype) @ T
+    if kernel is not None:
+        T = T @ kernel.to(T.dtype).T
+    return T
+
+
+def forward(x, weight, bias, A, B, core, kernel, scaling, p, seed):
+    d = 1 if kernel is None else kernel.shape[0]
+    X = _blocks(_dropped(x, p, seed), A.shape[1], d)
+    T = torch.einsum("ri,nid->nrd", A, X).to(_acc(x.dtype))
+    U = _mix(T, core, kernel).to(x.dtype)
+    delta = torch.einsum("or,nrd->nod", B, U).reshape(x.shape[0], -1)[:, : weight.shape[0]]
+    y = F.linear(x, weight, bias)
+    y.add_(delta, alpha=scaling)
+    return y, T
+
+
+def backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad):
+    need_x, need_w, need_b, need_a, need_bb, need_c, need_k = needs_grad
+    dtype = x.dtype
+    d = 1 if kernel is None else kernel.shape[0]
+    G = _blocks(grad_y, B.shape[0], d)
+    acc = T.dtype
+    dU = scaling * torch.einsum("or,nod->nrd", B, G).to(acc)
+
+    dx = dW = db = dA = dB = dC = dK = None
+    if need_bb:
+        U = _mix(T, core, kernel)
+        dB = scaling * torch.einsum("nod,nrd->or", G, U.to(dtype))
+    if need_c:
+        dUK = dU @ kernel.to(acc) if kernel is not None else dU
+        dC = torch.einsum("nrj,nsj->rs", dUK, T).to(dtype)
+    if need_k:
+        CT = core.to(acc) @ T if core is not None else T
+        dK = torch.einsum("nre,nrj->ej", dU, CT).to(dtype)
+    if need_x or need_a:
+        dT = core.to(acc).T @ dU if core is not None else dU
+        if kernel is not None:
+            dT = dT @ kernel.to(acc)
+        dT = dT.to(dtype)
+        mask = dropout_mask(x.shape, p, seed, device=x.device, dtype=dtype) if p > 0.0 else None
+        if need_a:
+            X = _blocks(x if mask is None else x * mask, A.shape[1], d)
+            dA = torch.einsum("nrj,nij->ri", dT, X)
+        if need_x:
+            dx_adapter = torch.einsum("ri,nrj->nij", A, dT).reshape(x.shape[0], -1)[:, : x.shape[1]]
+            if mask is not None:
+                dx_adapter = dx_adapter * mask
+            dx = grad_y @ weight + dx_adapter
+    if need_w:
+        dW = grad_y.T @ x
+    if need_b:
+        db = grad_y.sum(0)
+    return dx, dW, db, dA, dB, dC, dK

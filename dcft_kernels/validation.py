@@ -1,0 +1,56 @@
+"""Argument checks for the structured-delta op, run before any kernel launch."""
+from __future__ import annotations
+
+import torch
+
+
+def _shape(t):
+    return tuple(t.shape)
+
+
+def check_structured_delta_args(x, weight, bias, A, B, core, kernel, scaling, dropout):
+    """Raise ``TypeError``/``ValueError`` naming the bad argument; return nothing."""
+    for name, t in (("x", x), ("weight", weight), ("A", A), ("B", B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {_shape(weight)}")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x must have last dimension in_features={in_features}, got shape {_shape(x)}")
+    if bias is not None and _shape(bias) != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {_shape(bias)}")
+
+    d = 1
+    if kernel is not None:
+        if kernel.dim() != 2 or kernel.shape[0] != kernel.shape[1]:
+            raise ValueError(f"kernel must be a square d×d matrix, got shape {_shape(kernel)}")
+        d = kernel.shape[0]
+        if d < 1:
+            raise ValueError("kernel size d must be >= 1, got 0")
+    if A.dim() != 2 or A.shape[0] < 1:
+        raise ValueError(f"A must be 2-D (rank >= 1, ⌈in/d⌉), got shape {_shape(A)}")
+    rank = A.shape[0]
+    n_in, n_out = -(-in_features // d), -(-out_features // d)
+    if _shape(A) != (rank, n_in):
+        raise ValueError(f"A must have shape (rank, ⌈in_features/d⌉) = ({rank}, {n_in}), got {_shape(A)}")
+    if _shape(B) != (n_out, rank):
+        raise ValueError(f"B must have shape (⌈out_features/d⌉, rank) = ({n_out}, {rank}), got {_shape(B)}")
+    if core is not None and _shape(core) != (rank, rank):
+        raise ValueError(f"core must have shape (rank, rank) = ({rank}, {rank}), got {_shape(core)}")
+
+    for name, t in (("weight", weight), ("bias", bias), ("A", A), ("B", B), ("core", core), ("kernel", kernel)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must match")
+    if not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
