@@ -23,9 +23,9 @@ def new_seed() -> int:
 
 
 def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.rand(seed, offsets)`` for int64 ``offsets`` < 2**32, as float32 in [0, 1)."""
-    c0 = offsets.to(torch.int64) & _MASK32
-    c1 = torch.zeros_like(c0)
+    """``tl.rand(seed, offsets)`` for int64 ``offsets``, as float32 in [0, 1)."""
+    offsets = offsets.to(torch.int64)
+    c0, c1 = offsets & _MASK32, (offsets >> 32) & _MASK32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
