@@ -39,9 +39,11 @@ def resolve_backend(name: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name != "auto":
         return name
-    if device.type == "cuda" and is_available("triton"):
-        return "triton"
-    return "torch"
+    if device.type == "cuda":
+        if is_available("triton"):
+            return "triton"
+        return "cpp" if is_available("cpp") and _load("cpp").has_cuda_kernels() else "torch"
+    return "cpp" if is_available("cpp") else "torch"
 
 
 def get_ops(name: str):

@@ -118,12 +118,13 @@ def test_saves_x_by_reference_and_only_small_T(backend):
     assert sum(t.numel() for t in extra) <= 32 * 2 * 8
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("backend", [b for b in FUSED_BACKENDS if b != "triton"])  # triton: no fp64 kernels
+def test_gradcheck_float64(backend):
     for d, r, core in [(3, 2, True), (4, 1, False), (1, 3, True)]:
         pb = make_problem((2, 3), 11, 7, d, r, core=core, dtype=torch.float64, trainable_weight=True)
         for p in (0.0, 0.4):
             def f(*ts, p=p):
-                return structured_delta_linear(*ts, scaling=pb.scaling, dropout=p, seed=11, backend="torch")
+                return structured_delta_linear(*ts, scaling=pb.scaling, dropout=p, seed=11, backend=backend)
             assert torch.autograd.gradcheck(f, pb.args())
 
 

@@ -1,0 +1,26 @@
+// The structured-delta op: y = x Wᵀ + b + s · drop(x) ((B·C·A) ⊗ K)ᵀ, never building ΔW.
+// Schemas are defined once in register.cpp; CPU and CUDA files register implementations.
+#pragma once
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+namespace dcft_kernels {
+
+// Returns (y, T) with T = A·drop(X) per token, (tokens, r·d), in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& A,
+    const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
+    double scaling, double p, int64_t seed);
+
+// Returns [dx, dA, dB, dC, dK]; an entry not asked for is an empty tensor.
+std::vector<at::Tensor> structured_delta_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
+    const at::Tensor& T, double scaling, double p, int64_t seed, bool need_x, bool need_a, bool need_b,
+    bool need_c, bool need_k);
+
+}  // namespace dcft_kernels

@@ -1,0 +1,366 @@
+// CPU implementation of the structured-delta op (see DESIGN.md):
+//
+//   y = x Wᵀ + b + s · drop(x) ΔWᵀ,   ΔW = (B · C · A) ⊗ K  cropped to out × in,
+//
+// without building ΔW. The base GEMMs go through ATen (MKL / oneDNN); the adapter is one
+// parallel pass over tokens: shrink T = A·X, mix U = C·T·Kᵀ, expand y += s·B·U. Backward runs
+// the same pass with the roles swapped and keeps the factor gradients as per-thread partial
+// sums, reduced once at the end. Accumulation is fp32 (fp64 for fp64 inputs).
+//
+// The trick that makes every inner loop a plain, vectorisable multiply-add over contiguous
+// memory: each small factor is "expanded" once per call to one value per feature,
+// e.g. Aexp[r][k] = A[r][k / d], and the period-d index k % d is handled by accumulating into
+// (or reading from) a lane buffer whose length W is a multiple of d.
+#include "structured_delta.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace dcft_kernels {
+namespace {
+
+// ---- Philox-4x32-10, bit-identical to Triton's tl.rand (and dropout.py) --------------------
+
+inline uint32_t mulhi(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+inline float philox_uniform(int64_t seed, int64_t offset) {
+  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  for (int i = 0; i < 10; ++i) {
+    const uint32_t a0 = c0, a2 = c2;
+    c0 = mulhi(0xCD9E8D57u, a2) ^ c1 ^ k0;
+    c2 = mulhi(0xD2511F53u, a0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * a2;
+    c3 = 0xD2511F53u * a0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  int32_t v = static_cast<int32_t>(c0);
+  if (v < 0) v = ~v;
+  return static_cast<float>(v) * 4.6566127342e-10f;
+}
+
+struct Dropout {
+  double p = 0.0;
+  int64_t seed = 0;
+  bool on() const { return p > 0.0; }
+  // The scaled keep-mask value of element `offset` of the flattened (tokens, in) input.
+  template <typename acc_t>
+  acc_t mask(int64_t offset) const {
+    return philox_uniform(seed, offset) >= static_cast<float>(p) ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(0);
+  }
+};
+
+// ---- per-token primitives -------------------------------------------------------------------
+
+// Lane-buffer width: a multiple of d, at least 32, so the inner loops vectorise.
+inline int64_t lane_width(int64_t d) { return d * ((32 + d - 1) / d); }
+
+// out[r][j] = Σ_{k ≡ j (mod d)} S[r][k] · v[k]        S: R × F (expanded), v: F, out: R × d
+template <typename acc_t>
+void shrink_row(const acc_t* __restrict__ v, int64_t F, const acc_t* __restrict__ S, int64_t R, int64_t d,
+                acc_t* __restrict__ out, acc_t* __restrict__ lanes) {
+  const int64_t W = lane_width(d);
+  for (int64_t r = 0; r < R; ++r) {
+    const acc_t* __restrict__ s = S + r * F;
+    std::fill(lanes, lanes + W, acc_t(0));
+    for (int64_t k0 = 0; k0 < F; k0 += W) {
+      const int64_t len = std::min(W, F - k0);
+      for (int64_t w = 0; w < len; ++w) lanes[w] += s[k0 + w] * v[k0 + w];
+    }
+    for (int64_t j = 0; j < d; ++j) out[r * d + j] = 0;
+    for (int64_t w = 0; w < W; ++w) out[r * d + w % d] += lanes[w];
+  }
+}
+
+// acc[k] += Σ_r S[r][k] · u[r][k % d]                   S: R × F (expanded), u: R × d, acc: F
+template <typename acc_t>
+void expand_row(acc_t* __restrict__ acc, int64_t F, const acc_t* __restrict__ S, int64_t R, int64_t d,
+                const acc_t* __restrict__ u, acc_t* __restrict__ lanes) {
+  const int64_t W = lane_width(d);
+  for (int64_t r = 0; r < R; ++r) {
+    const acc_t* __restrict__ s = S + r * F;
+    for (int64_t w = 0; w < W; ++w) lanes[w] = u[r * d + w % d];
+    for (int64_t k0 = 0; k0 < F; k0 += W) {
+      const int64_t len = std::min(W, F - k0);
+      for (int64_t w = 0; w < len; ++w) acc[k0 + w] += s[k0 + w] * lanes[w];
+    }
+  }
+}
+
+// G[r][k] += v[k] · u[r][k % d]  — the per-token outer product behind dA and dB.
+template <typename acc_t>
+void outer_row(acc_t* __restrict__ G, int64_t F, const acc_t* __restrict__ v, int64_t R, int64_t d,
+               const acc_t* __restrict__ u, acc_t* __restrict__ lanes) {
+  const int64_t W = lane_width(d);
+  for (int64_t r = 0; r < R; ++r) {
+    acc_t* __restrict__ g = G + r * F;
+    for (int64_t w = 0; w < W; ++w) lanes[w] = u[r * d + w % d];
+    for (int64_t k0 = 0; k0 < F; k0 += W) {
+      const int64_t len = std::min(W, F - k0);
+      for (int64_t w = 0; w < len; ++w) g[k0 + w] += v[k0 + w] * lanes[w];
+    }
+  }
+}
+
+// The small factors in the accumulation type, with the per-token mixes.
+template <typename acc_t>
+struct Factors {
+  int64_t R, d;
+  at::Tensor Aexp, Bexp;  // R × in, R × out: Aexp[r][k] = A[r][k / d], Bexp[r][m] = B[m / d][r]
+  at::Tensor C, K;        // R × R, d × d (identity when absent)
+  bool has_c, has_k;
+
+  Factors(const at::Tensor& A, const at::Tensor& B, const c10::optional<at::Tensor>& core,
+          const c10::optional<at::Tensor>& kernel, int64_t in, int64_t out) {
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    R = A.size(0);
+    has_k = kernel.has_value();
+    has_c = core.has_value();
+    d = has_k ? kernel->size(0) : 1;
+    Aexp = A.to(acc).repeat_interleave(d, 1).narrow(1, 0, in).contiguous();
+    Bexp = B.to(acc).t().repeat_interleave(d, 1).narrow(1, 0, out).contiguous();
+    C = has_c ? core->to(acc).contiguous() : at::eye(R, A.options().dtype(acc));
+    K = has_k ? kernel->to(acc).contiguous() : at::eye(d, A.options().dtype(acc));
+  }
+
+  // U = C · T · Kᵀ (r × d) for one token.
+  void mix(const acc_t* T, acc_t* U, acc_t* tmp) const {
+    const acc_t* c = C.data_ptr<acc_t>();
+    const acc_t* k = K.data_ptr<acc_t>();
+    for (int64_t s = 0; s < R; ++s)  // tmp = T · Kᵀ
+      for (int64_t e = 0; e < d; ++e) {
+        acc_t sum = 0;
+        for (int64_t j = 0; j < d; ++j) sum += T[s * d + j] * k[e * d + j];
+        tmp[s * d + e] = sum;
+      }
+    for (int64_t r = 0; r < R; ++r)  // U = C · tmp
+      for (int64_t e = 0; e < d; ++e) {
+        acc_t sum = 0;
+        for (int64_t s = 0; s < R; ++s) sum += c[r * R + s] * tmp[s * d + e];
+        U[r * d + e] = sum;
+      }
+  }
+
+  // dT = Cᵀ · dU · K (r × d) for one token.
+  void mix_transposed(const acc_t* dU, acc_t* dT, acc_t* tmp) const {
+    const acc_t* c = C.data_ptr<acc_t>();
+    const acc_t* k = K.data_ptr<acc_t>();
+    for (int64_t r = 0; r < R; ++r)  // tmp = dU · K
+      for (int64_t j = 0; j < d; ++j) {
+        acc_t sum = 0;
+        for (int64_t e = 0; e < d; ++e) sum += dU[r * d + e] * k[e * d + j];
+        tmp[r * d + j] = sum;
+      }
+    for (int64_t s = 0; s < R; ++s)  // dT = Cᵀ · tmp
+      for (int64_t j = 0; j < d; ++j) {
+        acc_t sum = 0;
+        for (int64_t r = 0; r < R; ++r) sum += c[r * R + s] * tmp[r * d + j];
+        dT[s * d + j] = sum;
+      }
+  }
+};
+
+// Row n of a contiguous (N, F) tensor as acc_t: the row itself when no conversion or dropout is
+// needed, else converted (and dropped out) into `buffer`.
+template <typename scalar_t, typename acc_t>
+const acc_t* load_row(const scalar_t* base, int64_t n, int64_t F, const Dropout& drop, acc_t* buffer) {
+  const scalar_t* row = base + n * F;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (!drop.on()) return row;
+  }
+  for (int64_t k = 0; k < F; ++k) buffer[k] = static_cast<acc_t>(row[k]);
+  if (drop.on())
+    for (int64_t k = 0; k < F; ++k) buffer[k] *= drop.mask<acc_t>(n * F + k);
+  return buffer;
+}
+
+constexpr int64_t kGrain = 16;  // tokens per parallel task at least
+
+// Writes y[n] = bias + s · B·U for every token (and T); the caller then adds x Wᵀ with one
+// in-place GEMM (beta = 1), so y is read and written once by the GEMM and once here.
+template <typename scalar_t>
+void adapter_forward(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& bias, const at::Tensor& T,
+                     const Factors<at::opmath_type<scalar_t>>& f, double scaling, const Dropout& drop) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), in = x.size(1), out = y.size(1), R = f.R, d = f.d, RD = R * d;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const at::Tensor bias_acc = bias.has_value() ? bias->to(c10::CppTypeToScalarType<acc_t>::value).contiguous()
+                                               : at::zeros({out}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const acc_t* bp = bias_acc.data_ptr<acc_t>();
+  acc_t* t_all = T.data_ptr<acc_t>();
+  const acc_t* Aexp = f.Aexp.template data_ptr<acc_t>();
+  const acc_t* Bexp = f.Bexp.template data_ptr<acc_t>();
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf(in), delta(out), u(RD), tmp(RD), lanes(lane_width(d));
+    for (int64_t n = begin; n < end; ++n) {
+      acc_t* t = t_all + n * RD;
+      shrink_row(load_row(xp, n, in, drop, xbuf.data()), in, Aexp, R, d, t, lanes.data());
+      f.mix(t, u.data(), tmp.data());
+      for (auto& v : u) v *= static_cast<acc_t>(scaling);
+      std::copy(bp, bp + out, delta.begin());
+      expand_row(delta.data(), out, Bexp, R, d, u.data(), lanes.data());
+      scalar_t* __restrict__ row = yp + n * out;
+      for (int64_t m = 0; m < out; ++m) row[m] = static_cast<scalar_t>(delta[m]);
+    }
+  });
+}
+
+template <typename acc_t>
+struct Partials {  // one thread's share of the factor gradients
+  std::vector<acc_t> dAexp, dBexp, dC, dK;
+  Partials(int64_t a_size, int64_t b_size, int64_t c_size, int64_t k_size)
+      : dAexp(a_size, 0), dBexp(b_size, 0), dC(c_size, 0), dK(k_size, 0) {}
+};
+
+template <typename scalar_t>
+void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& T, at::Tensor* dx,
+                      const Factors<at::opmath_type<scalar_t>>& f, double scaling, const Dropout& drop,
+                      bool need_a, bool need_b, bool need_c, bool need_k,
+                      std::vector<Partials<at::opmath_type<scalar_t>>>& partials) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), in = x.size(1), out = grad_y.size(1), R = f.R, d = f.d, RD = R * d;
+  const scalar_t* gp = grad_y.data_ptr<scalar_t>();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* dxp = dx != nullptr ? dx->data_ptr<scalar_t>() : nullptr;
+  const acc_t* t_all = T.data_ptr<acc_t>();
+  const acc_t* Aexp = f.Aexp.template data_ptr<acc_t>();
+  const acc_t* Bexp = f.Bexp.template data_ptr<acc_t>();
+  const acc_t* c = f.C.template data_ptr<acc_t>();
+  const acc_t* k = f.K.template data_ptr<acc_t>();
+  const Dropout no_drop;
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    auto& part = partials[at::get_thread_num()];
+    std::vector<acc_t> gbuf(out), xbuf(in), dxrow(in), du(RD), dt(RD), u(RD), tmp(RD), lanes(lane_width(d));
+    for (int64_t n = begin; n < end; ++n) {
+      const acc_t* t = t_all + n * RD;
+      const acc_t* g = load_row(gp, n, out, no_drop, gbuf.data());
+      shrink_row(g, out, Bexp, R, d, du.data(), lanes.data());  // dU = s · Bᵀ · G
+      for (auto& v : du) v *= static_cast<acc_t>(scaling);
+      if (need_b) {  // dB += s · G · Uᵀ
+        f.mix(t, u.data(), tmp.data());
+        for (auto& v : u) v *= static_cast<acc_t>(scaling);
+        outer_row(part.dBexp.data(), out, g, R, d, u.data(), lanes.data());
+      }
+      if (need_c)  // dC += (dU · K) · Tᵀ
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t j = 0; j < d; ++j) {
+            acc_t duk = 0;
+            for (int64_t e = 0; e < d; ++e) duk += du[r * d + e] * k[e * d + j];
+            for (int64_t s = 0; s < R; ++s) part.dC[r * R + s] += duk * t[s * d + j];
+          }
+      if (need_k)  // dK += dUᵀ · (C · T)
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t j = 0; j < d; ++j) {
+            acc_t ct = 0;
+            for (int64_t s = 0; s < R; ++s) ct += c[r * R + s] * t[s * d + j];
+            for (int64_t e = 0; e < d; ++e) part.dK[e * d + j] += du[r * d + e] * ct;
+          }
+      if (dx != nullptr || need_a) {
+        f.mix_transposed(du.data(), dt.data(), tmp.data());  // dT = Cᵀ · dU · K
+        if (need_a) {  // dA += dT · drop(X)ᵀ
+          const acc_t* xr = load_row(xp, n, in, drop, xbuf.data());
+          outer_row(part.dAexp.data(), in, xr, R, d, dt.data(), lanes.data());
+        }
+        if (dx != nullptr) {  // dx = drop'(Aᵀ · dT); the caller adds dy·W with one in-place GEMM
+          std::fill(dxrow.begin(), dxrow.end(), acc_t(0));
+          expand_row(dxrow.data(), in, Aexp, R, d, dt.data(), lanes.data());
+          if (drop.on())
+            for (int64_t i = 0; i < in; ++i) dxrow[i] *= drop.mask<acc_t>(n * in + i);
+          scalar_t* __restrict__ row = dxp + n * in;
+          for (int64_t i = 0; i < in; ++i) row[i] = static_cast<scalar_t>(dxrow[i]);
+        }
+      }
+    }
+  });
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && A.dim() == 2 && B.dim() == 2, "dcft_kernels: expected 2-D x, weight, A, B");
+  TORCH_CHECK(x.device().is_cpu(), "dcft_kernels cpp_forward/cpp_backward: CPU tensors expected");
+}
+
+// Fold an expanded R × F gradient back to the factor's own shape: out[r][k / d] += G[r][k].
+at::Tensor fold_expanded(const at::Tensor& G, int64_t d, int64_t blocks) {
+  const int64_t R = G.size(0), F = G.size(1);
+  auto padded = at::zeros({R, blocks * d}, G.options());
+  padded.narrow(1, 0, F).copy_(G);
+  return padded.view({R, blocks, d}).sum(2);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& A,
+    const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
+    double scaling, double p, int64_t seed) {
+  check_common(x_in, weight, A, B);
+  const auto x = x_in.contiguous();
+  auto y = at::empty({x.size(0), weight.size(0)}, x.options());
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const int64_t d = kernel.has_value() ? kernel->size(0) : 1;
+  auto T = at::empty({x.size(0), A.size(0) * d}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "structured_delta_forward_cpu", [&] {
+    Factors<at::opmath_type<scalar_t>> f(A, B, core, kernel, x.size(1), weight.size(0));
+    adapter_forward<scalar_t>(x, y, bias, T, f, scaling, Dropout{p, seed});
+  });
+  y.addmm_(x, weight.t());  // y += x Wᵀ through ATen's GEMM (MKL / oneDNN)
+  return {y, T};
+}
+
+std::vector<at::Tensor> structured_delta_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
+    const at::Tensor& T, double scaling, double p, int64_t seed, bool need_x, bool need_a, bool need_b,
+    bool need_c, bool need_k) {
+  check_common(x_in, weight, A, B);
+  const auto x = x_in.contiguous();
+  const auto grad_y = grad_y_in.contiguous();
+  const int64_t R = A.size(0), d = kernel.has_value() ? kernel->size(0) : 1;
+  const int64_t in = x.size(1), out = grad_y.size(1);
+  need_c = need_c && core.has_value();
+  need_k = need_k && kernel.has_value();
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  at::Tensor dx = need_x ? at::empty_like(x) : empty();
+  at::Tensor dA = empty(), dB = empty(), dC = empty(), dK = empty();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "structured_delta_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Factors<acc_t> f(A, B, core, kernel, in, out);
+    std::vector<Partials<acc_t>> partials;
+    for (int64_t i = 0; i < at::get_num_threads(); ++i)
+      partials.emplace_back(need_a ? R * in : 0, need_b ? R * out : 0, need_c ? R * R : 0, need_k ? d * d : 0);
+    adapter_backward<scalar_t>(grad_y, x, T, need_x ? &dx : nullptr, f, scaling, Dropout{p, seed}, need_a, need_b,
+                               need_c, need_k, partials);
+    // Reduce the per-thread partial sums once, then fold the expanded rows back to factor shape.
+    auto sum_parts = [&](auto member, int64_t rows, int64_t cols) {
+      auto total = at::zeros({rows, cols}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      acc_t* dst = total.data_ptr<acc_t>();
+      for (auto& part : partials) {
+        const auto& src = part.*member;
+        for (int64_t i = 0; i < rows * cols; ++i) dst[i] += src[i];
+      }
+      return total;
+    };
+    if (need_a) dA = fold_expanded(sum_parts(&Partials<acc_t>::dAexp, R, in), d, A.size(1)).to(A.scalar_type());
+    if (need_b) dB = fold_expanded(sum_parts(&Partials<acc_t>::dBexp, R, out), d, B.size(0)).t().contiguous().to(B.scalar_type());
+    if (need_c) dC = sum_parts(&Partials<acc_t>::dC, R, R).to(core->scalar_type());
+    if (need_k) dK = sum_parts(&Partials<acc_t>::dK, d, d).to(kernel->scalar_type());
+  });
+  if (need_x) dx.addmm_(grad_y, weight);  // dx += dy·W through ATen's GEMM
+  return {dx, dA, dB, dC, dK};
+}
+
+TORCH_LIBRARY_IMPL(dcft_kernels, CPU, m) {
+  m.impl("cpp_forward", &structured_delta_forward_cpu);
+  m.impl("cpp_backward", &structured_delta_backward_cpu);
+}
+
+}  // namespace dcft_kernels
