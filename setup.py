@@ -1,9 +1,34 @@
 """Build script. Metadata lives in pyproject.toml.
 
-The package is pure Python today; the C++/CUDA extension in ``csrc/`` is
-compiled on first use (see ``dcft_kernels/ops/cpp_backend.py``), so installing
-never needs a compiler and never pulls a second copy of torch.
+Builds the C++ extension ``dcft_kernels._C`` (csrc/) with ninja against the torch
+that is already installed: install with ``pip install --no-build-isolation`` so pip
+does not fetch another torch into a build environment. The extension is optional:
+without torch or a compiler the package installs anyway and ``dcft_kernels``
+compiles it on first use, or falls back to the torch backend.
 """
+import os
+
 from setuptools import setup
 
-setup()
+CPU_SOURCES = ["csrc/register.cpp", "csrc/structured_delta_cpu.cpp"]
+CUDA_SOURCES = ["csrc/structured_delta_cuda.cu"]
+
+
+def extension_build():
+    if os.environ.get("DCFT_KERNELS_NO_EXTENSION") == "1":
+        return {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        return {}
+    cflags = os.environ.get("DCFT_KERNELS_CPU_FLAGS", "-O3 -march=native").split()
+    if torch.version.cuda is not None and CUDA_HOME is not None:
+        ext = CUDAExtension("dcft_kernels._C", CPU_SOURCES + CUDA_SOURCES, optional=True,
+                            extra_compile_args={"cxx": cflags, "nvcc": ["-O3"]})
+    else:
+        ext = CppExtension("dcft_kernels._C", CPU_SOURCES, optional=True, extra_compile_args={"cxx": cflags})
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
+
+setup(**extension_build())

@@ -1,0 +1,64 @@
+"""C++ extension specifics: the CMake build and its ctest program, and clear errors.
+
+The numerical checks of backend="cpp" run in the shared matrix of test_op.py / test_modules.py.
+"""
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from conftest import FUSED_BACKENDS
+from dcft_kernels import autograd, structured_delta_linear
+from helpers import make_problem
+
+needs_cpp = pytest.mark.skipif("cpp" not in FUSED_BACKENDS, reason="the C++ extension could not be built here")
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("ctest") is None, reason="cmake is not installed")
+def test_cmake_build_and_ctest(tmp_path):
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    prefix = torch.utils.cmake_prefix_path
+    build = tmp_path / "build"
+
+    def run(*cmd):
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result.stdout
+
+    run("cmake", "-S", root, "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}")
+    run("cmake", "--build", str(build), "-j2")
+    out = run("ctest", "--test-dir", str(build), "--output-on-failure")
+    assert "100% tests passed" in out
+
+
+@needs_cpp
+def test_ops_are_registered_with_torch_library():
+    pb = make_problem((5,), 20, 12, 4, 2, core=True)
+    x, W, b, A, B, C, K = (t.detach() for t in pb.args())
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.dcft_kernels.cpp_forward.default, (x, W, b, A, B, C, K, 0.5, 0.1, 3),
+                          test_utils=utils)
+    y, T = torch.ops.dcft_kernels.cpp_forward(x, W, b, A, B, C, K, 0.5, 0.1, 3)
+    args = (torch.randn_like(y), x, W, A, B, C, K, T, 0.5, 0.1, 3, True, True, True, True, False)
+    torch.library.opcheck(torch.ops.dcft_kernels.cpp_backward.default, args, test_utils=utils)
+
+
+def test_unavailable_backend_is_a_clear_error(monkeypatch):
+    def broken(name):
+        raise OSError("no compiler")
+
+    autograd.is_available.cache_clear()
+    monkeypatch.setattr(autograd, "_load", broken)
+    try:
+        pb = make_problem((3,), 8, 8, 2, 1)
+        with pytest.warns(UserWarning, match="'cpp' is unavailable"):
+            with pytest.raises(RuntimeError, match="backend='cpp' was requested but is not available"):
+                structured_delta_linear(*pb.args(), backend="cpp")
+        # "auto" falls back to the torch backend instead of failing.
+        assert autograd.resolve_backend("auto", torch.device("cpu")) == "torch"
+    finally:
+        monkeypatch.undo()
+        autograd.is_available.cache_clear()
