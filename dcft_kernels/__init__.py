@@ -10,6 +10,16 @@ from .functional import (
     structured_delta_linear,
     structured_delta_weight,
 )
+from .model import (
+    count_trainable_parameters,
+    inject_adapters,
+    load_adapter,
+    load_peft_lora,
+    merge_adapters,
+    print_trainable_parameters,
+    save_adapter,
+    unmerge_adapters,
+)
 from .modules import AdaptedLinear, DCFTLinear, DeLoRALinear, LoRALinear
 from .params import adapter_parameters, count_adapter_parameters
 from .regularizers import mpc_d_penalty, orthogonality_loss, orthogonality_penalty
@@ -23,6 +33,14 @@ __all__ = [
     "LoRALinear",
     "adapter_parameters",
     "count_adapter_parameters",
+    "count_trainable_parameters",
+    "inject_adapters",
+    "load_adapter",
+    "load_peft_lora",
+    "merge_adapters",
+    "print_trainable_parameters",
+    "save_adapter",
+    "unmerge_adapters",
     "dcft_linear",
     "delora_linear",
     "lora_linear",

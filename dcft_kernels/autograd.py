@@ -33,26 +33,28 @@ def is_available(name: str) -> bool:
         return False
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """Map a requested backend (possibly "auto") to the concrete one used for ``device``."""
+_OPS: dict = {}  # concrete backend name -> its loaded module, filled by resolve_backend
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing: no graph break
+def resolve_backend(name: str, device_type: str) -> str:
+    """Map a requested backend (possibly "auto") to the concrete one used on ``device_type``,
+    loading it; a backend asked for by name that cannot run here is a clear ``RuntimeError``."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name != "auto":
+    if name == "reference":
         return name
-    if device.type == "cuda":
-        if is_available("triton"):
-            return "triton"
-        return "cpp" if is_available("cpp") and _load("cpp").has_cuda_kernels() else "torch"
-    return "cpp" if is_available("cpp") else "torch"
-
-
-def get_ops(name: str):
-    """The backend module for a concrete backend name; clear error if it cannot run."""
-    if name == "torch":
-        return _load("torch")
-    if not is_available(name):
+    if name == "auto":
+        if device_type == "cuda" and is_available("triton"):
+            name = "triton"
+        elif is_available("cpp") and (device_type != "cuda" or _load("cpp").has_cuda_kernels()):
+            name = "cpp"
+        else:
+            name = "torch"
+    elif not is_available(name):
         raise RuntimeError(f"backend={name!r} was requested but is not available on this machine")
-    return _load(name)
+    _OPS[name] = _load(name)
+    return name
 
 
 class StructuredDeltaLinearFunction(torch.autograd.Function):
@@ -60,7 +62,7 @@ class StructuredDeltaLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, core, kernel, scaling, p, seed, backend):
-        ops = get_ops(backend)
+        ops = _OPS[backend]
         x2d = x.reshape(-1, x.shape[-1])
         y, T = ops.forward(x2d, weight, bias, A, B, core, kernel, scaling, p, seed)
         ctx.save_for_backward(x2d, weight, A, B, core, kernel, T)
@@ -71,7 +73,7 @@ class StructuredDeltaLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x2d, weight, A, B, core, kernel, T = ctx.saved_tensors
         grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
-        dx, dW, db, dA, dB, dC, dK = get_ops(ctx.backend).backward(
+        dx, dW, db, dA, dB, dC, dK = _OPS[ctx.backend].backward(
             grad_y2d, x2d, weight, A, B, core, kernel, T, ctx.scaling, ctx.p, ctx.seed,
             tuple(ctx.needs_input_grad[:7]),
         )

@@ -42,7 +42,7 @@ def structured_delta_linear(
             "cpp" or "reference" (dense ΔW; slow, for checking).
     """
     check_structured_delta_args(x, weight, bias, A, B, core, kernel, scaling, dropout)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device.type)
     p = float(dropout)
     if p > 0.0 and seed is None:
         seed = new_seed()

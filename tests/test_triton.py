@@ -59,4 +59,4 @@ def test_gpu_real_sizes(dtype, in_f, out_f, d, r):
 def test_auto_picks_triton_on_cuda():
     from dcft_kernels.autograd import resolve_backend
 
-    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert resolve_backend("auto", "cuda") == "triton"
