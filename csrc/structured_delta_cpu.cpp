@@ -60,53 +60,71 @@ struct Dropout {
 
 // ---- per-token primitives -------------------------------------------------------------------
 
-// Lane-buffer width: a multiple of d, at least 32, so the inner loops vectorise.
+// Lane-buffer width: a multiple of d, at least 32, so the inner loops vectorise. For the
+// kernel sizes that divide 32 it is the compile-time 32 (kW), which lets the compiler keep the
+// lanes in vector registers; other d use the runtime width (kW = 0).
 inline int64_t lane_width(int64_t d) { return d * ((32 + d - 1) / d); }
 
+// The inner loops below run over chunks of W contiguous features, written out (no lambdas) so
+// that the restrict-qualified pointers keep the compiler free of alias checks.
+
 // out[r][j] = Σ_{k ≡ j (mod d)} S[r][k] · v[k]        S: R × F (expanded), v: F, out: R × d
-template <typename acc_t>
+template <int64_t kW, typename acc_t>
 void shrink_row(const acc_t* __restrict__ v, int64_t F, const acc_t* __restrict__ S, int64_t R, int64_t d,
                 acc_t* __restrict__ out, acc_t* __restrict__ lanes) {
-  const int64_t W = lane_width(d);
+  const int64_t W = kW ? kW : lane_width(d);
   for (int64_t r = 0; r < R; ++r) {
     const acc_t* __restrict__ s = S + r * F;
     std::fill(lanes, lanes + W, acc_t(0));
-    for (int64_t k0 = 0; k0 < F; k0 += W) {
-      const int64_t len = std::min(W, F - k0);
-      for (int64_t w = 0; w < len; ++w) lanes[w] += s[k0 + w] * v[k0 + w];
+    int64_t k0 = 0;
+    for (; k0 + W <= F; k0 += W)
+      for (int64_t w = 0; w < (kW ? kW : W); ++w) lanes[w] += s[k0 + w] * v[k0 + w];
+    for (int64_t w = 0; k0 + w < F; ++w) lanes[w] += s[k0 + w] * v[k0 + w];
+    // Fold the lanes to d values: halve while the width stays a multiple of d (vector adds),
+    // then sum the remaining period-d groups in registers.
+    int64_t width = W;
+    while (width % 2 == 0 && (width / 2) % d == 0) {
+      const int64_t half = width / 2;
+      for (int64_t w = 0; w < half; ++w) lanes[w] += lanes[w + half];
+      width = half;
     }
-    for (int64_t j = 0; j < d; ++j) out[r * d + j] = 0;
-    for (int64_t w = 0; w < W; ++w) out[r * d + w % d] += lanes[w];
+    for (int64_t j = 0; j < d; ++j) {
+      acc_t sum = 0;
+      for (int64_t w0 = 0; w0 < width; w0 += d) sum += lanes[w0 + j];
+      out[r * d + j] = sum;
+    }
   }
 }
 
 // acc[k] += Σ_r S[r][k] · u[r][k % d]                   S: R × F (expanded), u: R × d, acc: F
-template <typename acc_t>
+template <int64_t kW, typename acc_t>
 void expand_row(acc_t* __restrict__ acc, int64_t F, const acc_t* __restrict__ S, int64_t R, int64_t d,
                 const acc_t* __restrict__ u, acc_t* __restrict__ lanes) {
-  const int64_t W = lane_width(d);
+  const int64_t W = kW ? kW : lane_width(d);
   for (int64_t r = 0; r < R; ++r) {
     const acc_t* __restrict__ s = S + r * F;
-    for (int64_t w = 0; w < W; ++w) lanes[w] = u[r * d + w % d];
-    for (int64_t k0 = 0; k0 < F; k0 += W) {
-      const int64_t len = std::min(W, F - k0);
-      for (int64_t w = 0; w < len; ++w) acc[k0 + w] += s[k0 + w] * lanes[w];
-    }
+    for (int64_t w0 = 0; w0 < W; w0 += d)
+      for (int64_t j = 0; j < d; ++j) lanes[w0 + j] = u[r * d + j];
+    int64_t k0 = 0;
+    for (; k0 + W <= F; k0 += W)
+      for (int64_t w = 0; w < (kW ? kW : W); ++w) acc[k0 + w] += s[k0 + w] * lanes[w];
+    for (int64_t w = 0; k0 + w < F; ++w) acc[k0 + w] += s[k0 + w] * lanes[w];
   }
 }
 
 // G[r][k] += v[k] · u[r][k % d]  — the per-token outer product behind dA and dB.
-template <typename acc_t>
+template <int64_t kW, typename acc_t>
 void outer_row(acc_t* __restrict__ G, int64_t F, const acc_t* __restrict__ v, int64_t R, int64_t d,
                const acc_t* __restrict__ u, acc_t* __restrict__ lanes) {
-  const int64_t W = lane_width(d);
+  const int64_t W = kW ? kW : lane_width(d);
   for (int64_t r = 0; r < R; ++r) {
     acc_t* __restrict__ g = G + r * F;
-    for (int64_t w = 0; w < W; ++w) lanes[w] = u[r * d + w % d];
-    for (int64_t k0 = 0; k0 < F; k0 += W) {
-      const int64_t len = std::min(W, F - k0);
-      for (int64_t w = 0; w < len; ++w) g[k0 + w] += v[k0 + w] * lanes[w];
-    }
+    for (int64_t w0 = 0; w0 < W; w0 += d)
+      for (int64_t j = 0; j < d; ++j) lanes[w0 + j] = u[r * d + j];
+    int64_t k0 = 0;
+    for (; k0 + W <= F; k0 += W)
+      for (int64_t w = 0; w < (kW ? kW : W); ++w) g[k0 + w] += v[k0 + w] * lanes[w];
+    for (int64_t w = 0; k0 + w < F; ++w) g[k0 + w] += v[k0 + w] * lanes[w];
   }
 }
 
@@ -186,7 +204,7 @@ constexpr int64_t kGrain = 16;  // tokens per parallel task at least
 
 // Writes y[n] = bias + s · B·U for every token (and T); the caller then adds x Wᵀ with one
 // in-place GEMM (beta = 1), so y is read and written once by the GEMM and once here.
-template <typename scalar_t>
+template <int64_t kW, typename scalar_t>
 void adapter_forward(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& bias, const at::Tensor& T,
                      const Factors<at::opmath_type<scalar_t>>& f, double scaling, const Dropout& drop) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -203,11 +221,11 @@ void adapter_forward(const at::Tensor& x, at::Tensor& y, const c10::optional<at:
     std::vector<acc_t> xbuf(in), delta(out), u(RD), tmp(RD), lanes(lane_width(d));
     for (int64_t n = begin; n < end; ++n) {
       acc_t* t = t_all + n * RD;
-      shrink_row(load_row(xp, n, in, drop, xbuf.data()), in, Aexp, R, d, t, lanes.data());
+      shrink_row<kW>(load_row(xp, n, in, drop, xbuf.data()), in, Aexp, R, d, t, lanes.data());
       f.mix(t, u.data(), tmp.data());
       for (auto& v : u) v *= static_cast<acc_t>(scaling);
       std::copy(bp, bp + out, delta.begin());
-      expand_row(delta.data(), out, Bexp, R, d, u.data(), lanes.data());
+      expand_row<kW>(delta.data(), out, Bexp, R, d, u.data(), lanes.data());
       scalar_t* __restrict__ row = yp + n * out;
       for (int64_t m = 0; m < out; ++m) row[m] = static_cast<scalar_t>(delta[m]);
     }
@@ -221,7 +239,7 @@ struct Partials {  // one thread's share of the factor gradients
       : dAexp(a_size, 0), dBexp(b_size, 0), dC(c_size, 0), dK(k_size, 0) {}
 };
 
-template <typename scalar_t>
+template <int64_t kW, typename scalar_t>
 void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& T, at::Tensor* dx,
                       const Factors<at::opmath_type<scalar_t>>& f, double scaling, const Dropout& drop,
                       bool need_a, bool need_b, bool need_c, bool need_k,
@@ -243,12 +261,12 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
     for (int64_t n = begin; n < end; ++n) {
       const acc_t* t = t_all + n * RD;
       const acc_t* g = load_row(gp, n, out, no_drop, gbuf.data());
-      shrink_row(g, out, Bexp, R, d, du.data(), lanes.data());  // dU = s · Bᵀ · G
+      shrink_row<kW>(g, out, Bexp, R, d, du.data(), lanes.data());  // dU = s · Bᵀ · G
       for (auto& v : du) v *= static_cast<acc_t>(scaling);
       if (need_b) {  // dB += s · G · Uᵀ
         f.mix(t, u.data(), tmp.data());
         for (auto& v : u) v *= static_cast<acc_t>(scaling);
-        outer_row(part.dBexp.data(), out, g, R, d, u.data(), lanes.data());
+        outer_row<kW>(part.dBexp.data(), out, g, R, d, u.data(), lanes.data());
       }
       if (need_c)  // dC += (dU · K) · Tᵀ
         for (int64_t r = 0; r < R; ++r)
@@ -268,11 +286,11 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
         f.mix_transposed(du.data(), dt.data(), tmp.data());  // dT = Cᵀ · dU · K
         if (need_a) {  // dA += dT · drop(X)ᵀ
           const acc_t* xr = load_row(xp, n, in, drop, xbuf.data());
-          outer_row(part.dAexp.data(), in, xr, R, d, dt.data(), lanes.data());
+          outer_row<kW>(part.dAexp.data(), in, xr, R, d, dt.data(), lanes.data());
         }
         if (dx != nullptr) {  // dx = drop'(Aᵀ · dT); the caller adds dy·W with one in-place GEMM
           std::fill(dxrow.begin(), dxrow.end(), acc_t(0));
-          expand_row(dxrow.data(), in, Aexp, R, d, dt.data(), lanes.data());
+          expand_row<kW>(dxrow.data(), in, Aexp, R, d, dt.data(), lanes.data());
           if (drop.on())
             for (int64_t i = 0; i < in; ++i) dxrow[i] *= drop.mask<acc_t>(n * in + i);
           scalar_t* __restrict__ row = dxp + n * in;
@@ -296,6 +314,12 @@ at::Tensor fold_expanded(const at::Tensor& G, int64_t d, int64_t blocks) {
   return padded.view({R, blocks, d}).sum(2);
 }
 
+// d = 1 without dropout (LoRA, DeLoRA): shrink and expand are plain rank-r GEMMs, which
+// MKL / oneDNN run faster than any per-token loop. Same results, same saved T.
+bool use_rank_gemms(const c10::optional<at::Tensor>& kernel, double p) {
+  return !kernel.has_value() && p == 0.0;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cpu(
@@ -304,13 +328,23 @@ std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cpu(
     double scaling, double p, int64_t seed) {
   check_common(x_in, weight, A, B);
   const auto x = x_in.contiguous();
-  auto y = at::empty({x.size(0), weight.size(0)}, x.options());
   const auto acc = at::toOpMathType(x.scalar_type());
+  if (use_rank_gemms(kernel, p)) {
+    auto T = at::mm(x, A.t()).to(acc);  // (N, r)
+    auto U = core.has_value() ? at::mm(T, core->to(acc).t()) : T;
+    auto y = at::linear(x, weight, bias);
+    y.addmm_(U.to(x.scalar_type()), B.t(), 1.0, scaling);
+    return {y, T};
+  }
+  auto y = at::empty({x.size(0), weight.size(0)}, x.options());
   const int64_t d = kernel.has_value() ? kernel->size(0) : 1;
   auto T = at::empty({x.size(0), A.size(0) * d}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "structured_delta_forward_cpu", [&] {
     Factors<at::opmath_type<scalar_t>> f(A, B, core, kernel, x.size(1), weight.size(0));
-    adapter_forward<scalar_t>(x, y, bias, T, f, scaling, Dropout{p, seed});
+    if (32 % d == 0)
+      adapter_forward<32, scalar_t>(x, y, bias, T, f, scaling, Dropout{p, seed});
+    else
+      adapter_forward<0, scalar_t>(x, y, bias, T, f, scaling, Dropout{p, seed});
   });
   y.addmm_(x, weight.t());  // y += x Wᵀ through ATen's GEMM (MKL / oneDNN)
   return {y, T};
@@ -329,6 +363,18 @@ std::vector<at::Tensor> structured_delta_backward_cpu(
   need_c = need_c && core.has_value();
   need_k = need_k && kernel.has_value();
   auto empty = [&] { return at::empty({0}, x.options()); };
+  if (use_rank_gemms(kernel, p)) {
+    const auto dtype = x.scalar_type();
+    auto dU = at::mm(grad_y, B).to(T.scalar_type()).mul_(scaling);  // (N, r)
+    auto dT = core.has_value() ? at::mm(dU, core->to(T.scalar_type())) : dU;
+    auto U = core.has_value() ? at::mm(T, core->to(T.scalar_type()).t()) : T;
+    at::Tensor dx = need_x ? at::mm(grad_y, weight).addmm_(dT.to(dtype), A) : empty();
+    // In the input dtype (GEMMs accumulate in fp32), so x and dy are never copied.
+    at::Tensor dA = need_a ? at::mm(dT.t().to(dtype), x).to(A.scalar_type()) : empty();
+    at::Tensor dB = need_b ? at::mm(grad_y.t(), U.to(dtype)).mul_(scaling).to(B.scalar_type()) : empty();
+    at::Tensor dC = need_c ? at::mm(dU.t(), T).to(core->scalar_type()) : empty();
+    return {dx, dA, dB, dC, empty()};
+  }
   at::Tensor dx = need_x ? at::empty_like(x) : empty();
   at::Tensor dA = empty(), dB = empty(), dC = empty(), dK = empty();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "structured_delta_backward_cpu", [&] {
@@ -337,8 +383,14 @@ std::vector<at::Tensor> structured_delta_backward_cpu(
     std::vector<Partials<acc_t>> partials;
     for (int64_t i = 0; i < at::get_num_threads(); ++i)
       partials.emplace_back(need_a ? R * in : 0, need_b ? R * out : 0, need_c ? R * R : 0, need_k ? d * d : 0);
-    adapter_backward<scalar_t>(grad_y, x, T, need_x ? &dx : nullptr, f, scaling, Dropout{p, seed}, need_a, need_b,
-                               need_c, need_k, partials);
+    auto run = [&](auto lanes) {
+      adapter_backward<decltype(lanes)::value, scalar_t>(grad_y, x, T, need_x ? &dx : nullptr, f, scaling,
+                                                         Dropout{p, seed}, need_a, need_b, need_c, need_k, partials);
+    };
+    if (32 % d == 0)
+      run(std::integral_constant<int64_t, 32>{});
+    else
+      run(std::integral_constant<int64_t, 0>{});
     // Reduce the per-thread partial sums once, then fold the expanded rows back to factor shape.
     auto sum_parts = [&](auto member, int64_t rows, int64_t cols) {
       auto total = at::zeros({rows, cols}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
