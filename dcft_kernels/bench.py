@@ -35,6 +35,7 @@ from .params import MODEL_SHAPES, PAPER_DEBERTA_V3_BASE, count_adapter_parameter
 PRESETS = {  # name -> list of (tokens, in_features, out_features)
     "tiny": [(64, 64, 48)],
     "cpu-small": [(2048, 1024, 1024), (2048, 1024, 2816)],
+    "cpu-large": [(2048, 1024, 1024), (2048, 4096, 4096)],
     "llama7b": [(8192, 4096, 4096), (8192, 4096, 11008), (8192, 11008, 4096)],
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -66,3 +66,18 @@ def test_unavailable_backend_is_a_clear_error(monkeypatch):
     finally:
         monkeypatch.undo()
         autograd.is_available.cache_clear()
+
+
+@needs_cpp
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_match_reference(dtype):
+    from dcft_kernels.ops import cpp_backend
+    from helpers import check_against_reference
+
+    assert cpp_backend.has_cuda_kernels(), "a CUDA build of torch with a toolkit must build the CUDA kernels"
+    for d, r, p in [(8, 1, 0.0), (3, 2, 0.2), (1, 8, 0.1)]:
+        pb = make_problem((64,), 300, 200, d, r, core=(r == 2), dtype=dtype, device="cuda")
+        check_against_reference(
+            pb, lambda q: structured_delta_linear(*q.args(), scaling=q.scaling, dropout=p, seed=3, backend="cpp"),
+            dtype, p=p, seed=3)

@@ -1,0 +1,241 @@
+// CUDA implementation of the structured-delta op (see structured_delta_cpu.cpp for the math).
+//
+// cuBLAS (through ATen) does the base GEMMs; three small kernels do the adapter without ever
+// building ΔW:
+//   shrink_kernel         T[n][r][j] = scale · Σ_{k ≡ j (mod d)} S[r][k / d] · v[n][k]   (one block per token)
+//   expand_kernel         out[n][m] += scale · mask · Σ_r P[m / d][r] · V[n][r][m % d]
+//   column_reduce_kernel  G[r][k]  = Σ_n V[n][r][k % d] · mask · M[n][k]                (factor gradients)
+// and the tiny per-token mixes (C·T·Kᵀ and its transpose) are batched ATen matmuls on
+// (tokens, r, d) tensors. Dropout is Philox from the seed, the same stream as Triton's tl.rand.
+#include "structured_delta.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+namespace dcft_kernels {
+namespace {
+
+__device__ __forceinline__ float philox_uniform(int64_t seed, int64_t offset) {
+  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+#pragma unroll
+  for (int i = 0; i < 10; ++i) {
+    const uint32_t a0 = c0, a2 = c2;
+    c0 = __umulhi(0xCD9E8D57u, a2) ^ c1 ^ k0;
+    c2 = __umulhi(0xD2511F53u, a0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * a2;
+    c3 = 0xD2511F53u * a0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  int32_t v = static_cast<int32_t>(c0);
+  if (v < 0) v = ~v;
+  return static_cast<float>(v) * 4.6566127342e-10f;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t keep_scale(float p, int64_t seed, int64_t offset) {
+  return philox_uniform(seed, offset) >= p ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(0);
+}
+
+constexpr int kThreads = 256;
+
+// One block per token. Thread t visits features k ≡ t (mod blockDim.x); blockDim.x is a
+// multiple of d, so each thread's k % d is fixed and its partial sums need no indexing.
+template <typename scalar_t, typename acc_t>
+__global__ void shrink_kernel(const scalar_t* __restrict__ v, int64_t F, const scalar_t* __restrict__ S,
+                              int64_t stride_sr, int64_t stride_sb, int64_t R, int64_t d, acc_t scale, float p,
+                              int64_t seed, acc_t* __restrict__ T) {
+  extern __shared__ unsigned char smem[];
+  acc_t* partial = reinterpret_cast<acc_t*>(smem);
+  const int64_t n = blockIdx.x;
+  const scalar_t* row = v + n * F;
+  for (int64_t r = 0; r < R; ++r) {
+    acc_t sum = 0;
+    for (int64_t k = threadIdx.x; k < F; k += blockDim.x) {
+      acc_t value = static_cast<acc_t>(row[k]);
+      if (p > 0.f) value *= keep_scale<acc_t>(p, seed, n * F + k);
+      sum += static_cast<acc_t>(S[r * stride_sr + (k / d) * stride_sb]) * value;
+    }
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.x < d) {
+      acc_t total = 0;
+      for (int64_t t = threadIdx.x; t < blockDim.x; t += d) total += partial[t];
+      T[(n * R + r) * d + threadIdx.x] = total * scale;
+    }
+    __syncthreads();
+  }
+}
+
+// grid (tokens, ⌈F / blockDim⌉): one thread per output element.
+template <typename scalar_t, typename acc_t>
+__global__ void expand_kernel(scalar_t* __restrict__ out, int64_t F, const acc_t* __restrict__ V,
+                              const scalar_t* __restrict__ P, int64_t stride_pm, int64_t stride_pr, int64_t R,
+                              int64_t d, acc_t scale, float p, int64_t seed) {
+  const int64_t n = blockIdx.x;
+  const int64_t m = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (m >= F) return;
+  const acc_t* v = V + n * R * d + m % d;
+  const scalar_t* prow = P + (m / d) * stride_pm;
+  acc_t sum = 0;
+  for (int64_t r = 0; r < R; ++r) sum += static_cast<acc_t>(prow[r * stride_pr]) * v[r * d];
+  sum *= scale;
+  if (p > 0.f) sum *= keep_scale<acc_t>(p, seed, n * F + m);
+  out[n * F + m] = static_cast<scalar_t>(static_cast<acc_t>(out[n * F + m]) + sum);
+}
+
+// grid (⌈F / blockDim⌉, splits): G[split][r][k] = Σ_{n in split} V[n][r][k % d] · mask · M[n][k].
+template <typename scalar_t, typename acc_t>
+__global__ void column_reduce_kernel(const acc_t* __restrict__ V, const scalar_t* __restrict__ M, int64_t N,
+                                     int64_t F, int64_t R, int64_t d, float p, int64_t seed,
+                                     int64_t tokens_per_split, acc_t* __restrict__ G) {
+  const int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (k >= F) return;
+  const int64_t begin = blockIdx.y * tokens_per_split;
+  const int64_t end = min(begin + tokens_per_split, N);
+  acc_t* g = G + blockIdx.y * R * F + k;
+  for (int64_t r = 0; r < R; ++r) {
+    acc_t sum = 0;
+    for (int64_t n = begin; n < end; ++n) {
+      acc_t value = static_cast<acc_t>(M[n * F + k]);
+      if (p > 0.f) value *= keep_scale<acc_t>(p, seed, n * F + k);
+      sum += V[(n * R + r) * d + k % d] * value;
+    }
+    g[r * F] = sum;
+  }
+}
+
+// ---- launchers ---------------------------------------------------------------------------------
+
+int shrink_threads(int64_t d) { return static_cast<int>((kThreads / d) * d); }
+
+template <typename scalar_t>
+at::Tensor shrink(const at::Tensor& v, const at::Tensor& S_rb, int64_t d, double scale, double p, int64_t seed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = v.size(0), F = v.size(1), R = S_rb.size(0);
+  auto T = at::empty({N, R, d}, v.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  if (N == 0) return T;
+  const int threads = shrink_threads(d);
+  shrink_kernel<scalar_t, acc_t><<<N, threads, threads * sizeof(acc_t), c10::cuda::getCurrentCUDAStream()>>>(
+      v.template data_ptr<scalar_t>(), F, S_rb.template data_ptr<scalar_t>(), S_rb.stride(0), S_rb.stride(1), R, d,
+      static_cast<acc_t>(scale), static_cast<float>(p), seed, T.template data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return T;
+}
+
+template <typename scalar_t>
+void expand_(at::Tensor& out, const at::Tensor& V, const at::Tensor& P_mr, double scale, double p, int64_t seed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = out.size(0), F = out.size(1), R = V.size(1), d = V.size(2);
+  if (N == 0) return;
+  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>((F + kThreads - 1) / kThreads));
+  expand_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      out.template data_ptr<scalar_t>(), F, V.template data_ptr<acc_t>(), P_mr.template data_ptr<scalar_t>(), P_mr.stride(0), P_mr.stride(1), R,
+      d, static_cast<acc_t>(scale), static_cast<float>(p), seed);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Σ over tokens, then folded to (R, ⌈F/d⌉): out[r][b] = Σ_j G[r][b·d + j].
+template <typename scalar_t>
+at::Tensor column_reduce(const at::Tensor& V, const at::Tensor& M, int64_t blocks, double p, int64_t seed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = M.size(0), F = M.size(1), R = V.size(1), d = V.size(2);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(64, N / 256));
+  const int64_t per_split = (N + splits - 1) / splits;
+  auto G = at::empty({splits, R, F}, V.options());
+  const dim3 grid(static_cast<unsigned>((F + kThreads - 1) / kThreads), static_cast<unsigned>(splits));
+  if (N > 0) {
+    column_reduce_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        V.template data_ptr<acc_t>(), M.template data_ptr<scalar_t>(), N, F, R, d, static_cast<float>(p), seed, per_split,
+        G.template data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    G.zero_();
+  }
+  auto padded = at::zeros({R, blocks * d}, V.options());
+  padded.narrow(1, 0, F).copy_(G.sum(0));
+  return padded.view({R, blocks, d}).sum(2);
+}
+
+// U = C · T · Kᵀ per token on (N, R, d); transposed: Cᵀ · T · K.
+at::Tensor mix(const at::Tensor& T, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
+               bool transposed) {
+  at::Tensor out = T;
+  if (kernel.has_value()) {
+    auto k = kernel->to(T.scalar_type());
+    out = at::matmul(out, transposed ? k : k.t());
+  }
+  if (core.has_value()) {
+    auto c = core->to(T.scalar_type());
+    out = at::matmul(transposed ? c.t() : c, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cuda(
+    const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& A,
+    const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
+    double scaling, double p, int64_t seed) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const int64_t d = kernel.has_value() ? kernel->size(0) : 1;
+  auto y = at::linear(x, weight, bias).contiguous();
+  at::Tensor T;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "structured_delta_forward_cuda", [&] {
+    T = shrink<scalar_t>(x, A.contiguous(), d, 1.0, p, seed);
+    const auto U = mix(T, core, kernel, /*transposed=*/false).contiguous();
+    expand_<scalar_t>(y, U, B.contiguous(), scaling, 0.0, seed);
+  });
+  return {y, T.view({x.size(0), -1})};
+}
+
+std::vector<at::Tensor> structured_delta_backward_cuda(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
+    const at::Tensor& T_flat, double scaling, double p, int64_t seed, bool need_x, bool need_a, bool need_b,
+    bool need_c, bool need_k) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto grad_y = grad_y_in.contiguous();
+  const int64_t R = A.size(0), d = kernel.has_value() ? kernel->size(0) : 1;
+  const auto T = T_flat.view({x.size(0), R, d});
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  at::Tensor dx = empty(), dA = empty(), dB = empty(), dC = empty(), dK = empty();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "structured_delta_backward_cuda", [&] {
+    const auto dU = shrink<scalar_t>(grad_y, B.t(), d, scaling, 0.0, seed);  // s · Bᵀ · G
+    if (need_b) {
+      const auto U = mix(T, core, kernel, false).mul(scaling).contiguous();
+      dB = column_reduce<scalar_t>(U, grad_y, B.size(0), 0.0, seed).t().contiguous().to(B.scalar_type());
+    }
+    if (need_c && core.has_value()) {
+      const auto dUK = kernel.has_value() ? at::matmul(dU, kernel->to(dU.scalar_type())) : dU;
+      dC = at::einsum("nrj,nsj->rs", {dUK, T}).to(core->scalar_type());
+    }
+    if (need_k && kernel.has_value()) {
+      const auto CT = core.has_value() ? at::matmul(core->to(T.scalar_type()), T) : T;
+      dK = at::einsum("nre,nrj->ej", {dU, CT}).to(kernel->scalar_type());
+    }
+    if (need_x || need_a) {
+      const auto dT = mix(dU, core, kernel, /*transposed=*/true).contiguous();  // Cᵀ · dU · K
+      if (need_a) dA = column_reduce<scalar_t>(dT, x, A.size(1), p, seed).to(A.scalar_type());
+      if (need_x) {
+        dx = at::mm(grad_y, weight);
+        expand_<scalar_t>(dx, dT, A.t(), 1.0, p, seed);
+      }
+    }
+  });
+  return {dx, dA, dB, dC, dK};
+}
+
+TORCH_LIBRARY_IMPL(dcft_kernels, CUDA, m) {
+  m.impl("cpp_forward", &structured_delta_forward_cuda);
+  m.impl("cpp_backward", &structured_delta_backward_cuda);
+}
+
+}  // namespace dcft_kernels
