@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .autograd import is_available
+from .autograd import is_available, resolve_backend
 from .modules import AdaptedLinear, DCFTLinear, DeLoRALinear, LoRALinear
 from .params import MODEL_SHAPES, PAPER_DEBERTA_V3_BASE, count_adapter_parameters
 
@@ -156,13 +156,14 @@ def build_cases(in_features, out_features, *, kernel_size, rank, lora_rank, dtyp
         layer = cls(dcft)
         cases.append(Case(label, layer, ours_reference(dcft), _trainable(layer)))
 
+    auto = resolve_backend("auto", device.type)  # what LoRA/DeLoRA layers use by default here
     lora = _randomize(LoRALinear.from_linear(base, rank=lora_rank, alpha=2 * lora_rank),
                       torch.Generator().manual_seed(seed + 2))
-    cases.append(Case(f"LoRALinear r={lora_rank} [auto]", lora, ours_reference(lora), _trainable(lora)))
+    cases.append(Case(f"LoRALinear r={lora_rank} [{auto}]", lora, ours_reference(lora), _trainable(lora)))
     cases.append(_peft_lora(base, lora))
     delora = _randomize(DeLoRALinear.from_linear(base, rank=lora_rank, alpha=2 * lora_rank),
                         torch.Generator().manual_seed(seed + 3))
-    cases.append(Case(f"DeLoRALinear r={lora_rank} [auto]", delora, ours_reference(delora), _trainable(delora)))
+    cases.append(Case(f"DeLoRALinear r={lora_rank} [{auto}]", delora, ours_reference(delora), _trainable(delora)))
     return cases
 
 

@@ -16,8 +16,9 @@ def test_tiny_run_writes_schema(tmp_path, capsys):
         assert key in data["meta"]
     rows = data["rows"]
     names = [r["case"] for r in rows]
+    auto = bench.resolve_backend("auto", "cpu")
     for expected in ("nn.Linear (frozen)", "DCFT naive (authors' code)", "DCFT dense F.linear(x, W+ΔW)",
-                     "LoRALinear r=8 [auto]", "PEFT LoRA r=8", "DeLoRALinear r=8 [auto]"):
+                     f"LoRALinear r=8 [{auto}]", "PEFT LoRA r=8", f"DeLoRALinear r=8 [{auto}]"):
         assert expected in names
     timed = [r for r in rows if r["fwd_bwd_ms"] is not None]
     assert timed and all(r["status"] == "ok" for r in timed)  # every timed row matched the reference
