@@ -12,6 +12,7 @@
 // e.g. Aexp[r][k] = A[r][k / d], and the period-d index k % d is handled by accumulating into
 // (or reading from) a lane buffer whose length W is a multiple of d.
 #include "structured_delta.h"
+#include "philox.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
@@ -23,29 +24,6 @@
 
 namespace dcft_kernels {
 namespace {
-
-// ---- Philox-4x32-10, bit-identical to Triton's tl.rand (and dropout.py) --------------------
-
-inline uint32_t mulhi(uint32_t a, uint32_t b) {
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-}
-
-inline float philox_uniform(int64_t seed, int64_t offset) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
-  for (int i = 0; i < 10; ++i) {
-    const uint32_t a0 = c0, a2 = c2;
-    c0 = mulhi(0xCD9E8D57u, a2) ^ c1 ^ k0;
-    c2 = mulhi(0xD2511F53u, a0) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * a2;
-    c3 = 0xD2511F53u * a0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  int32_t v = static_cast<int32_t>(c0);
-  if (v < 0) v = ~v;
-  return static_cast<float>(v) * 4.6566127342e-10f;
-}
 
 struct Dropout {
   double p = 0.0;

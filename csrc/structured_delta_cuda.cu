@@ -8,6 +8,7 @@
 // and the tiny per-token mixes (C·T·Kᵀ and its transpose) are batched ATen matmuls on
 // (tokens, r, d) tensors. Dropout is Philox from the seed, the same stream as Triton's tl.rand.
 #include "structured_delta.h"
+#include "philox.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,24 +18,6 @@
 
 namespace dcft_kernels {
 namespace {
-
-__device__ __forceinline__ float philox_uniform(int64_t seed, int64_t offset) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
-#pragma unroll
-  for (int i = 0; i < 10; ++i) {
-    const uint32_t a0 = c0, a2 = c2;
-    c0 = __umulhi(0xCD9E8D57u, a2) ^ c1 ^ k0;
-    c2 = __umulhi(0xD2511F53u, a0) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * a2;
-    c3 = 0xD2511F53u * a0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  int32_t v = static_cast<int32_t>(c0);
-  if (v < 0) v = ~v;
-  return static_cast<float>(v) * 4.6566127342e-10f;
-}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t keep_scale(float p, int64_t seed, int64_t offset) {

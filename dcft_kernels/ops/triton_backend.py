@@ -51,7 +51,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     configs=_configs({"BLOCK_N": 32, "BLOCK_K": 64},
                      [({"BLOCK_N": bn, "BLOCK_K": bk}, w, s)
                       for bn in (64, 128) for bk in (64, 128) for w, s in ((4, 3), (8, 4))]),
-    key=["N", "F", "RD", "D"],
+    key=["F", "RD", "D"],  # not N: varying token counts must not re-tune
 )
 @triton.jit
 def _shrink_kernel(
@@ -85,7 +85,7 @@ def _shrink_kernel(
     configs=_configs({"BLOCK_N": 32, "BLOCK_M": 64},
                      [({"BLOCK_N": bn, "BLOCK_M": bm}, w, s)
                       for bn in (64, 128) for bm in (64, 128, 256) for w, s in ((4, 3), (8, 3))]),
-    key=["N", "M", "RD", "D"],
+    key=["M", "RD", "D"],
 )
 @triton.jit
 def _expand_kernel(
@@ -126,7 +126,7 @@ def _expand_kernel(
     configs=_configs({"BLOCK_N": 32, "BLOCK_F": 64},
                      [({"BLOCK_N": bn, "BLOCK_F": bf}, w, s)
                       for bn in (64, 128) for bf in (64, 128) for w, s in ((4, 3), (8, 4))]),
-    key=["N", "F", "RD"],
+    key=["F", "RD"],
 )
 @triton.jit
 def _token_reduce_kernel(
