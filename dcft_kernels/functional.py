@@ -41,6 +41,13 @@ def structured_delta_linear(
         backend: "auto" (Triton on CUDA when available, else torch), "torch", "triton",
             "cpp" or "reference" (dense ΔW; slow, for checking).
     """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        # Mixed precision: run in the autocast dtype like F.linear does; grads flow back in the
+        # parameters' own dtype through the casts.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias, A, B, core, kernel = (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (x, weight, bias, A, B, core, kernel))
     check_structured_delta_args(x, weight, bias, A, B, core, kernel, scaling, dropout)
     name = resolve_backend(backend, x.device.type)
     p = float(dropout)

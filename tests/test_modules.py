@@ -176,3 +176,21 @@ def test_bad_forward_input():
         m(torch.randn(3, 16, dtype=torch.float64))
     with pytest.raises(TypeError, match="nn.Linear"):
         DCFTLinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+@pytest.mark.parametrize("kind", MODULES)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_autocast_runs_in_low_precision_with_fp32_parameters(kind, backend):
+    if backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("bfloat16 is broken in Triton's CPU interpreter")
+    torch.manual_seed(0)
+    m = _randomize(MODULES[kind](32, 24, backend=backend))
+    x = torch.randn(6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    params = [p for p in m.parameters() if p.requires_grad]
+    assert params and all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    want = F.linear(x, m.weight + _reference_delta(m), m.bias)
+    torch.testing.assert_close(y.float(), want.detach(), rtol=5e-2, atol=5e-2)
