@@ -44,16 +44,19 @@ def test_layer(benchmark, problem, name, mode):
     case = cases[name]
     if case.layer is None:
         pytest.skip(case.note)
-    assert check(case, x, grad_y, DTYPE) == "ok"
     inputs = [x] + case.params
 
     def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                case.layer(x)
-        else:
-            torch.autograd.grad(case.layer(x), inputs, grad_y)
+        with case.setting():
+            if mode == "fwd":
+                with torch.no_grad():
+                    case.layer(x)
+            else:
+                torch.autograd.grad(case.layer(x), inputs, grad_y)
         _sync()
+
+    with case.setting():
+        assert check(case, x, grad_y, DTYPE) == "ok"
 
     benchmark.group = f"{mode} {tuple(x.shape)}→{grad_y.shape[1]}"
     benchmark(step)

@@ -11,6 +11,7 @@ gradient; each row's forward output and input gradient is first checked against
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -52,6 +53,7 @@ class Case:
     reference: Callable | None = None  # x -> y, built densely by reference.py
     params: list = field(default_factory=list)  # trainable tensors (their grads are part of fwd+bwd)
     note: str = ""
+    setting: Callable = contextlib.nullcontext  # entered around every call, backward included
 
 
 @dataclass
@@ -104,6 +106,17 @@ def _randomize(module: AdaptedLinear, generator: torch.Generator):
     return module
 
 
+@contextlib.contextmanager
+def _fused_triton_gemm():
+    from .ops import triton_backend
+
+    previous, triton_backend.GEMM_PATH = triton_backend.GEMM_PATH, "fused"
+    try:
+        yield
+    finally:
+        triton_backend.GEMM_PATH = previous
+
+
 def _trainable(module):
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -152,6 +165,9 @@ def build_cases(in_features, out_features, *, kernel_size, rank, lora_rank, dtyp
         dcft = _randomize(DCFTLinear.from_linear(base, kernel_size=kernel_size, rank=rank, backend=backend),
                           torch.Generator().manual_seed(seed + 1))
         cases.append(Case(name, dcft, ours_reference(dcft), _trainable(dcft)))
+        if backend == "triton":  # the other way to meet the GEMM: one kernel seeded with the delta
+            cases.append(Case(f"DCFTLinear d={kernel_size} r={rank} [triton, fused GEMM]", dcft,
+                              ours_reference(dcft), _trainable(dcft), setting=_fused_triton_gemm))
     for cls, label in ((NaiveDCFT, "DCFT naive (authors' code)"), (MergedDenseDCFT, "DCFT dense F.linear(x, W+ΔW)")):
         layer = cls(dcft)
         cases.append(Case(label, layer, ours_reference(dcft), _trainable(layer)))
@@ -256,6 +272,11 @@ def run_shape(tokens, in_features, out_features, *, device, dtype, kernel_size, 
 
 
 def measure(case, shape, x, grad_y, device, dtype, warmup, repeats):
+    with case.setting():
+        return _measure(case, shape, x, grad_y, device, dtype, warmup, repeats)
+
+
+def _measure(case, shape, x, grad_y, device, dtype, warmup, repeats):
     status = check(case, x, grad_y, dtype)
     row = Row(shape, case.name, status, trainable_params=sum(p.numel() for p in case.params))
     if status != "ok":

@@ -2,6 +2,7 @@
 import csv
 import json
 
+import pytest
 import torch
 
 from dcft_kernels import bench
@@ -45,3 +46,13 @@ def test_params_report(capsys):
     assert bench.main(["--params"]) == 0
     out = capsys.readouterr().out
     assert "deberta-v3-base" in out and "DCFT d=8 r=1" in out and "24,000" in out
+
+
+def test_fused_gemm_setting_is_scoped():
+    pytest.importorskip("triton")
+    from dcft_kernels.ops import triton_backend
+
+    before = triton_backend.GEMM_PATH
+    with bench._fused_triton_gemm():
+        assert triton_backend.GEMM_PATH == "fused"
+    assert triton_backend.GEMM_PATH == before

@@ -60,3 +60,15 @@ def test_auto_picks_triton_on_cuda():
     from dcft_kernels.autograd import resolve_backend
 
     assert resolve_backend("auto", "cuda") == "triton"
+
+
+@pytest.mark.parametrize("d,r,core,p", [(8, 2, False, 0.0), (3, 2, True, 0.3), (1, 4, False, 0.2)])
+def test_fused_gemm_path(monkeypatch, d, r, core, p):
+    """The one-kernel GEMM whose accumulator starts at the delta, forward and dx."""
+    from dcft_kernels.ops import triton_backend as tb
+
+    monkeypatch.setattr(tb, "GEMM_PATH", "fused")
+    pb = make_problem((40,), 70, 50, d, r, core=core, device=DEVICE, trainable_weight=True)
+    check_against_reference(pb, lambda q: _run(q, dropout=p, seed=4), torch.float32, p=p, seed=4)
+    pb16 = make_problem((40,), 70, 50, d, r, core=core, dtype=torch.float16, device=DEVICE)
+    check_against_reference(pb16, lambda q: _run(q, dropout=p, seed=4), torch.float16, p=p, seed=4)

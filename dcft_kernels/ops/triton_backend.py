@@ -11,7 +11,9 @@ registers from the tiny factors (``c = r·d + j`` indexes the r·d columns of T)
   ``c % d == f % d`` entries summed over the block give ``dA`` and ``dB``.
 
 Forward is ``y = F.linear(x, W, b)`` (cuBLAS) then shrink and expand-in-place;
-``dx = dy·W`` (cuBLAS) then the same expand with the roles swapped. Only the fp32
+``dx = dy·W`` (cuBLAS) then the same expand with the roles swapped. With
+``GEMM_PATH = "fused"`` the expand instead seeds the accumulator of one Triton GEMM
+(``triton_gemm.py``), so ``y`` and ``dx`` are written once. Only the fp32
 ``T`` (tokens × r·d) is saved; dropout is Philox from a seed (``tl.rand``), the
 same stream ``dropout.py`` computes, so no mask is stored.
 """
@@ -27,8 +29,12 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import torch_backend
+from .triton_gemm import INTERPRET, block_c, configs, dot_precision, gemm_with_delta, structured_tile
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# How x·Wᵀ (and dy·W) meet the delta: "cublas" runs cuBLAS, then adds the delta into the result
+# in place; "fused" seeds the accumulator of one Triton GEMM with the delta, so the output is
+# written once. Process-wide (forward and backward must agree); the benchmark measures both.
+GEMM_PATH = os.environ.get("DCFT_KERNELS_TRITON_GEMM", "cublas")
 
 
 def is_available() -> bool:
@@ -36,19 +42,8 @@ def is_available() -> bool:
     return INTERPRET or torch.cuda.is_available()
 
 
-def _configs(interpret_config, gpu_configs):
-    # More than one autotune config fails without a GPU driver: one fixed config in the interpreter.
-    if INTERPRET:
-        return [triton.Config(interpret_config, num_warps=4)]
-    return [triton.Config(c, num_warps=w, num_stages=s) for c, w, s in gpu_configs]
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
 @triton.autotune(
-    configs=_configs({"BLOCK_N": 32, "BLOCK_K": 64},
+    configs=configs({"BLOCK_N": 32, "BLOCK_K": 64},
                      [({"BLOCK_N": bn, "BLOCK_K": bk}, w, s)
                       for bn in (64, 128) for bk in (64, 128) for w, s in ((4, 3), (8, 4))]),
     key=["F", "RD", "D"],  # not N: varying token counts must not re-tune
@@ -82,7 +77,7 @@ def _shrink_kernel(
 
 
 @triton.autotune(
-    configs=_configs({"BLOCK_N": 32, "BLOCK_M": 64},
+    configs=configs({"BLOCK_N": 32, "BLOCK_M": 64},
                      [({"BLOCK_N": bn, "BLOCK_M": bm}, w, s)
                       for bn in (64, 128) for bm in (64, 128, 256) for w, s in ((4, 3), (8, 3))]),
     key=["M", "RD", "D"],
@@ -103,15 +98,8 @@ def _expand_kernel(
         cs = c0 + tl.arange(0, BLOCK_C)
         t = tl.load(t_ptr + rows[:, None] * RD + cs[None, :], mask=(rows[:, None] < N) & (cs[None, :] < RD),
                     other=0.0)
-        live = (cs[:, None] < RD) & (ms[None, :] < M)
-        if HAS_K:
-            kval = tl.load(k_ptr + (ms[None, :] % D) * D + cs[:, None] % D, mask=live, other=0.0).to(tl.float32)
-        else:
-            live = live & (ms[None, :] % D == cs[:, None] % D)
-            kval = 1.0
-        pval = tl.load(p_ptr + (ms[None, :] // D) * stride_pm + (cs[:, None] // D) * stride_pr, mask=live,
-                       other=0.0).to(tl.float32)
-        acc = tl.dot(t, pval * kval, acc, input_precision=PRECISION)
+        tile = structured_tile(p_ptr, k_ptr, cs, ms, RD, M, stride_pm, stride_pr, D, HAS_K)
+        acc = tl.dot(t, tile, acc, input_precision=PRECISION)
     acc = acc * scale
     if DROPOUT:
         offsets = rows[:, None].to(tl.int64) * M + ms[None, :]
@@ -123,7 +111,7 @@ def _expand_kernel(
 
 
 @triton.autotune(
-    configs=_configs({"BLOCK_N": 32, "BLOCK_F": 64},
+    configs=configs({"BLOCK_N": 32, "BLOCK_F": 64},
                      [({"BLOCK_N": bn, "BLOCK_F": bf}, w, s)
                       for bn in (64, 128) for bf in (64, 128) for w, s in ((4, 3), (8, 4))]),
     key=["F", "RD"],
@@ -158,21 +146,16 @@ def _token_reduce_kernel(
 
 # ---- launchers -----------------------------------------------------------------------------------
 
-def _block_c(rd: int) -> int:
-    # ≥ 16 so tl.dot compiles on NVIDIA GPUs (the interpreter would accept less); ≤ 64 for registers.
-    return min(max(16, triton.next_power_of_2(rd)), 64)
-
-
 def shrink(x, S, d, *, scale=1.0, p=0.0, seed=0):
     """(N, F) x and small S (r, ⌈F/d⌉) -> fp32 (N, r·d)."""
     N, F = x.shape
     RD = S.shape[0] * d
     t = torch.empty(N, RD, device=x.device, dtype=torch.float32)
-    block_c = _block_c(RD)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(RD, block_c))  # noqa: E731
+    width_c = block_c(RD)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(RD, width_c))  # noqa: E731
     wrap_triton(_shrink_kernel)[grid](
         x, S, t, N, F, RD, seed, p, scale, x.stride(0), x.stride(1), S.stride(0), S.stride(1),
-        D=d, BLOCK_C=block_c, DROPOUT=p > 0.0, PRECISION=_dot_precision(x.dtype),
+        D=d, BLOCK_C=width_c, DROPOUT=p > 0.0, PRECISION=dot_precision(x.dtype),
     )
     return t
 
@@ -185,7 +168,7 @@ def expand_(y, t, P, kernel, d, *, scale=1.0, p=0.0, seed=0):
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
     wrap_triton(_expand_kernel)[grid](
         y, t, P, k, N, M, RD, seed, p, scale, y.stride(0), y.stride(1), P.stride(0), P.stride(1),
-        D=d, HAS_K=kernel is not None, BLOCK_C=_block_c(RD), DROPOUT=p > 0.0, PRECISION=_dot_precision(y.dtype),
+        D=d, HAS_K=kernel is not None, BLOCK_C=block_c(RD), DROPOUT=p > 0.0, PRECISION=dot_precision(y.dtype),
     )
     return y
 
@@ -198,11 +181,11 @@ def token_reduce(L, R, *, p=0.0, seed=0):
     splits = 1 if INTERPRET else max(1, min(64, N // 1024))
     q = torch.empty(splits, RD, F, device=R.device, dtype=torch.float32)
     tokens_per_split = triton.cdiv(N, splits)
-    block_c = _block_c(RD)
-    grid = lambda meta: (triton.cdiv(F, meta["BLOCK_F"]), triton.cdiv(RD, block_c), splits)  # noqa: E731
+    width_c = block_c(RD)
+    grid = lambda meta: (triton.cdiv(F, meta["BLOCK_F"]), triton.cdiv(RD, width_c), splits)  # noqa: E731
     wrap_triton(_token_reduce_kernel)[grid](
         L, R, q, N, F, RD, seed, p, tokens_per_split, R.stride(0), R.stride(1),
-        BLOCK_C=block_c, DROPOUT=p > 0.0, PRECISION=_dot_precision(R.dtype),
+        BLOCK_C=width_c, DROPOUT=p > 0.0, PRECISION=dot_precision(R.dtype),
     )
     return q.sum(0)
 
@@ -232,8 +215,10 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     d = 1 if kernel is None else kernel.shape[0]
     kernel = kernel.contiguous() if kernel is not None else None
     t = shrink(x, A, d, p=p, seed=seed)
-    y = F.linear(x, weight, bias)
     P = B @ core if core is not None else B
+    if GEMM_PATH == "fused":
+        return gemm_with_delta(x, weight.T, bias, t, P, kernel, d, scale=scaling), t
+    y = F.linear(x, weight, bias)
     expand_(y, t, P, kernel, d, scale=scaling)
     return y, t
 
@@ -265,7 +250,9 @@ def triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         dt = _mix(du, core, kernel, r, d, transpose=True)  # dT = Cᵀ·dU·K
         if need_a:
             dA = _block_diagonal_sum(token_reduce(dt, x, p=p, seed=seed), r, d, n_in).to(A.dtype)
-        if need_x:
+        if need_x and GEMM_PATH == "fused":
+            dx = gemm_with_delta(grad_y, weight, None, dt, A.T, None, d, p=p, seed=seed)
+        elif need_x:
             dx = grad_y @ weight
             expand_(dx, dt, A.T, None, d, p=p, seed=seed)
     return [dx, dA, dB, dC, dK]
