@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 
 
-def adapter_parameters(out_features: int, in_features: int, method: str = "dcft", kernel_size: int = 8, rank: int = 1) -> int:
+def adapter_parameters(out_features: int, in_features: int, method: str = "dcft", kernel_size: int = 8,
+                       rank: int = 1) -> int:
     """Trainable parameters of one adapted layer.
 
     DCFT: ``r·(⌈out/d⌉ + ⌈in/d⌉) + d²``; LoRA: ``r·(out + in)``; DeLoRA: ``r²``.

@@ -44,7 +44,7 @@ def _trainable_factor_modules(model: nn.Module):
     from .modules import AdaptedLinear
 
     for module in model.modules():
-        if isinstance(module, AdaptedLinear) and isinstance(module.A, nn.Parameter) and isinstance(module.B, nn.Parameter):
+        if isinstance(module, AdaptedLinear) and all(isinstance(t, nn.Parameter) for t in (module.A, module.B)):
             yield module
 
 

@@ -34,7 +34,8 @@ from dcft_kernels import (  # noqa: E402
 )
 
 # Every attention projection and both FFN linears of each layer (not the unused pooler).
-TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+TARGETS = (r".*encoder\.layer\.\d+\."
+           r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)")
 TOPICS = {
     "sports": (["the striker", "our goalkeeper", "the coach", "the home team", "the referee", "the captain",
                 "a young sprinter", "the veteran pitcher"],
@@ -51,7 +52,8 @@ TOPICS = {
     "weather": (["the storm", "a cold front", "the forecast", "heavy rain", "the heatwave", "thick fog",
                  "the hurricane", "a light breeze"],
                 ["flooded the valley overnight", "brought snow to the mountains", "predicts sunshine for the weekend",
-                 "closed the airport for hours", "pushed temperatures above forty degrees", "cleared by the afternoon"]),
+                 "closed the airport for hours", "pushed temperatures above forty degrees",
+                 "cleared by the afternoon"]),
 }
 
 

@@ -79,5 +79,5 @@ def test_cuda_kernels_match_reference(dtype):
     for d, r, p in [(8, 1, 0.0), (3, 2, 0.2), (1, 8, 0.1)]:
         pb = make_problem((64,), 300, 200, d, r, core=(r == 2), dtype=dtype, device="cuda")
         check_against_reference(
-            pb, lambda q: structured_delta_linear(*q.args(), scaling=q.scaling, dropout=p, seed=3, backend="cpp"),
+            pb, lambda q, p=p: structured_delta_linear(*q.args(), scaling=q.scaling, dropout=p, seed=3, backend="cpp"),
             dtype, p=p, seed=3)

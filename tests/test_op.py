@@ -90,7 +90,8 @@ def test_dropout_zero_equals_no_dropout_and_seed_matters(backend):
     a = structured_delta_linear(*pb.args(), scaling=1.0, dropout=0.5, seed=7, backend=backend)
     b = structured_delta_linear(*pb.args(), scaling=1.0, dropout=0.5, seed=8, backend=backend)
     assert not torch.allclose(a, b)
-    torch.testing.assert_close(a, structured_delta_linear(*pb.args(), scaling=1.0, dropout=0.5, seed=7, backend=backend))
+    again = structured_delta_linear(*pb.args(), scaling=1.0, dropout=0.5, seed=7, backend=backend)
+    torch.testing.assert_close(a, again)
 
 
 def test_dropout_mask_statistics():
@@ -123,8 +124,8 @@ def test_gradcheck_float64(backend):
     for d, r, core in [(3, 2, True), (4, 1, False), (1, 3, True)]:
         pb = make_problem((2, 3), 11, 7, d, r, core=core, dtype=torch.float64, trainable_weight=True)
         for p in (0.0, 0.4):
-            def f(*ts, p=p):
-                return structured_delta_linear(*ts, scaling=pb.scaling, dropout=p, seed=11, backend=backend)
+            def f(*ts, p=p, scaling=pb.scaling):
+                return structured_delta_linear(*ts, scaling=scaling, dropout=p, seed=11, backend=backend)
             assert torch.autograd.gradcheck(f, pb.args())
 
 
