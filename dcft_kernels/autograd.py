@@ -63,20 +63,21 @@ class StructuredDeltaLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, core, kernel, scaling, p, seed, backend):
         ops = _OPS[backend]
-        x2d = x.reshape(-1, x.shape[-1])
-        y, T = ops.forward(x2d, weight, bias, A, B, core, kernel, scaling, p, seed)
-        ctx.save_for_backward(x2d, weight, A, B, core, kernel, T)
+        y, T = ops.forward(x.reshape(-1, x.shape[-1]), weight, bias, A, B, core, kernel, scaling, p, seed)
+        # x itself, not its 2-D view: a non-contiguous x would be copied by reshape.
+        ctx.save_for_backward(x, weight, A, B, core, kernel, T)
         ctx.scaling, ctx.p, ctx.seed, ctx.backend = scaling, p, seed, backend
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2d, weight, A, B, core, kernel, T = ctx.saved_tensors
+        x, weight, A, B, core, kernel, T = ctx.saved_tensors
+        x2d = x.reshape(-1, x.shape[-1])
         grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
         dx, dW, db, dA, dB, dC, dK = _OPS[ctx.backend].backward(
             grad_y2d, x2d, weight, A, B, core, kernel, T, ctx.scaling, ctx.p, ctx.seed,
             tuple(ctx.needs_input_grad[:7]),
         )
         if dx is not None:
-            dx = dx.reshape(*grad_y.shape[:-1], x2d.shape[-1])
+            dx = dx.reshape(x.shape)
         return dx, dW, db, dA, dB, dC, dK, None, None, None, None

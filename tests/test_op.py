@@ -105,6 +105,7 @@ def test_dropout_mask_statistics():
 def test_saves_x_by_reference_and_only_small_T(backend):
     """Extra activation memory is N·r·d (T) plus O(1): x is saved as itself, no mask, no ΔW."""
     pb = make_problem((32,), 64, 48, 8, 2)
+    pb.x = torch.randn(64, 32).T.requires_grad_()  # non-contiguous: a reshape would copy it
     saved = []
 
     def pack(t):
@@ -115,7 +116,8 @@ def test_saves_x_by_reference_and_only_small_T(backend):
         structured_delta_linear(*pb.args(), scaling=1.0, dropout=0.2, seed=1, backend=backend)
     params = {t.data_ptr() for t in (pb.weight, pb.bias, pb.A, pb.B, pb.kernel)}
     extra = [t for t in saved if t.data_ptr() not in params | {pb.x.data_ptr()}]
-    assert any(t.data_ptr() == pb.x.data_ptr() for t in saved), "x must be saved by reference"
+    assert any(t.data_ptr() == pb.x.data_ptr() and t.stride() == pb.x.stride() for t in saved), \
+        "x must be saved by reference, not as a copy"
     assert sum(t.numel() for t in extra) <= 32 * 2 * 8
 
 
