@@ -81,3 +81,24 @@ def test_cuda_kernels_match_reference(dtype):
         check_against_reference(
             pb, lambda q, p=p: structured_delta_linear(*q.args(), scaling=q.scaling, dropout=p, seed=3, backend="cpp"),
             dtype, p=p, seed=3)
+
+
+def test_compiles_on_first_use_without_the_prebuilt_extension(tmp_path):
+    """Installed without the setup.py build, the extension is compiled (and cached) on first use."""
+    import os
+    import sys
+
+    code = (
+        "import dcft_kernels.ops.cpp_backend as cb\n"
+        "cb._PACKAGE_DIR = '/nonexistent'  # hide dcft_kernels/_C*.so\n"
+        "assert cb.is_available()\n"
+        "import torch\n"
+        "from dcft_kernels import DCFTLinear\n"
+        "m = DCFTLinear(16, 8, kernel_size=4, backend='cpp', init='paper')\n"
+        "x = torch.randn(3, 16)\n"
+        "torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight + m.delta_weight(), m.bias))\n"
+        "print('jit ok')\n"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0 and "jit ok" in result.stdout, result.stderr[-3000:]
