@@ -178,7 +178,11 @@ const acc_t* load_row(const scalar_t* base, int64_t n, int64_t F, const Dropout&
   return buffer;
 }
 
-constexpr int64_t kGrain = 16;  // tokens per parallel task at least
+// Tokens per parallel task: enough that each task has ~64K multiply-adds, so small calls stay
+// on one thread instead of paying for waking the others.
+inline int64_t token_grain(int64_t R, int64_t in, int64_t out) {
+  return std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(1, R * (in + out)));
+}
 
 // Writes y[n] = bias + s · B·U for every token (and T); the caller then adds x Wᵀ with one
 // in-place GEMM (beta = 1), so y is read and written once by the GEMM and once here.
@@ -195,7 +199,7 @@ void adapter_forward(const at::Tensor& x, at::Tensor& y, const c10::optional<at:
   acc_t* t_all = T.data_ptr<acc_t>();
   const acc_t* Aexp = f.Aexp.template data_ptr<acc_t>();
   const acc_t* Bexp = f.Bexp.template data_ptr<acc_t>();
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, token_grain(R, in, out), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xbuf(in), delta(out), u(RD), tmp(RD), lanes(lane_width(d));
     for (int64_t n = begin; n < end; ++n) {
       acc_t* t = t_all + n * RD;
@@ -233,7 +237,7 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   const acc_t* c = f.C.template data_ptr<acc_t>();
   const acc_t* k = f.K.template data_ptr<acc_t>();
   const Dropout no_drop;
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, token_grain(R, in, out), [&](int64_t begin, int64_t end) {
     auto& part = partials[at::get_thread_num()];
     std::vector<acc_t> gbuf(out), xbuf(in), dxrow(in), du(RD), dt(RD), u(RD), tmp(RD), lanes(lane_width(d));
     for (int64_t n = begin; n < end; ++n) {
