@@ -4,8 +4,9 @@
     python examples/finetune_minilm.py                    # DCFT (d=8) on every attention and FFN linear
     python examples/finetune_minilm.py --method all       # dcft, lora, delora and PEFT's LoRA side by side
 
-The task is a small 4-topic text classification set the script builds from templates
-(train and test use different filler words). Only the adapters and a linear head train.
+The task is a small 4-topic text classification set the script builds from templates: the
+label is the topic of the predicate, the subject is drawn from any topic, and test sentences
+use held-out subjects. Only the adapters and a linear head train.
 After training, the adapter is saved, reloaded into a fresh model, and must give the
 same predictions.
 """
@@ -58,13 +59,23 @@ TOPICS = {
 
 
 def build_dataset(seed=0):
-    """(train, test) lists of (sentence, label); test uses held-out subjects for every topic."""
+    """(train, test) lists of (sentence, label).
+
+    The label is the topic of what happens (the predicate), while the subject comes from any
+    topic — so a sentence's words point to two topics and the model must learn which half
+    decides. Test sentences pair held-out subjects with held-out predicates: the model must
+    generalise what it learned about a topic, not remember phrases.
+    """
     rng = random.Random(seed)
+    topics = list(TOPICS.values())
     train, test = [], []
-    for label, (subjects, predicates) in enumerate(TOPICS.values()):
-        for i, subject in enumerate(subjects):
-            for predicate in predicates:
-                (test if i >= len(subjects) - 2 else train).append((f"{subject} {predicate}", label))
+    for subject_topic in topics:
+        for i, subject in enumerate(subject_topic[0]):
+            for label, (_, predicates) in enumerate(topics):
+                for j, predicate in enumerate(predicates):
+                    held_subject, held_predicate = i >= len(subject_topic[0]) - 2, j >= len(predicates) - 2
+                    if held_subject == held_predicate:
+                        (test if held_subject else train).append((f"{subject} {predicate}", label))
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test
