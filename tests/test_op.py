@@ -67,6 +67,16 @@ def test_frozen_weight_gets_no_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("kernel", [True, False])
+def test_empty_batch(backend, kernel):
+    pb = make_problem((0,), 16, 8, 4, 2, kernel=kernel)
+    y = structured_delta_linear(*pb.args(), scaling=1.0, backend=backend)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert pb.x.grad.shape == (0, 16) and torch.equal(pb.A.grad, torch.zeros_like(pb.A))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_non_contiguous_x(backend):
     pb = make_problem((6,), 20, 12, 4, 2)
     pb.x = torch.randn(20, 6).T.requires_grad_()  # strides (1, 6)

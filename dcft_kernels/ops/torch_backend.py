@@ -45,7 +45,7 @@ def forward(x, weight, bias, A, B, core, kernel, scaling, p, seed):
     X = _blocks(_dropped(x, p, seed), A.shape[1], d)
     T = torch.einsum("ri,nid->nrd", A, X).to(_acc(x.dtype))
     U = _mix(T, core, kernel).to(x.dtype)
-    delta = torch.einsum("or,nrd->nod", B, U).reshape(x.shape[0], -1)[:, : weight.shape[0]]
+    delta = torch.einsum("or,nrd->nod", B, U).reshape(x.shape[0], B.shape[0] * d)[:, : weight.shape[0]]
     y = F.linear(x, weight, bias)
     y.add_(delta, alpha=scaling)
     return y, T
@@ -79,7 +79,7 @@ def backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_g
             X = _blocks(x if mask is None else x * mask, A.shape[1], d)
             dA = torch.einsum("nrj,nij->ri", dT, X)
         if need_x:
-            dx_adapter = torch.einsum("ri,nrj->nij", A, dT).reshape(x.shape[0], -1)[:, : x.shape[1]]
+            dx_adapter = torch.einsum("ri,nrj->nij", A, dT).reshape(x.shape[0], A.shape[1] * d)[:, : x.shape[1]]
             if mask is not None:
                 dx_adapter = dx_adapter * mask
             dx = grad_y @ weight + dx_adapter
