@@ -14,13 +14,13 @@ namespace dcft_kernels {
 std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& A,
     const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
-    double scaling, double p, int64_t seed);
+    double scaling, double p, c10::SymInt seed_sym);
 
 // Returns [dx, dA, dB, dC, dK]; an entry not asked for is an empty tensor.
 std::vector<at::Tensor> structured_delta_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
-    const at::Tensor& T, double scaling, double p, int64_t seed, bool need_x, bool need_a, bool need_b,
+    const at::Tensor& T, double scaling, double p, c10::SymInt seed_sym, bool need_x, bool need_a, bool need_b,
     bool need_c, bool need_k);
 
 }  // namespace dcft_kernels

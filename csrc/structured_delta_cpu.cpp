@@ -307,7 +307,8 @@ bool use_rank_gemms(const c10::optional<at::Tensor>& kernel, double p) {
 std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cpu(
     const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& A,
     const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
-    double scaling, double p, int64_t seed) {
+    double scaling, double p, c10::SymInt seed_sym) {
+  const int64_t seed = seed_sym.expect_int();  // concrete by the time a kernel runs
   check_common(x_in, weight, A, B);
   const auto x = x_in.contiguous();
   const auto acc = at::toOpMathType(x.scalar_type());
@@ -335,8 +336,9 @@ std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cpu(
 std::vector<at::Tensor> structured_delta_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
-    const at::Tensor& T, double scaling, double p, int64_t seed, bool need_x, bool need_a, bool need_b,
+    const at::Tensor& T, double scaling, double p, c10::SymInt seed_sym, bool need_x, bool need_a, bool need_b,
     bool need_c, bool need_k) {
+  const int64_t seed = seed_sym.expect_int();  // concrete by the time a kernel runs
   check_common(x_in, weight, A, B);
   const auto x = x_in.contiguous();
   const auto grad_y = grad_y_in.contiguous();

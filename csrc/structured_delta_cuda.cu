@@ -164,7 +164,8 @@ at::Tensor mix(const at::Tensor& T, const c10::optional<at::Tensor>& core, const
 std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cuda(
     const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& A,
     const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
-    double scaling, double p, int64_t seed) {
+    double scaling, double p, c10::SymInt seed_sym) {
+  const int64_t seed = seed_sym.expect_int();  // concrete by the time a kernel runs
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   const int64_t d = kernel.has_value() ? kernel->size(0) : 1;
@@ -181,8 +182,9 @@ std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cuda(
 std::vector<at::Tensor> structured_delta_backward_cuda(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
-    const at::Tensor& T_flat, double scaling, double p, int64_t seed, bool need_x, bool need_a, bool need_b,
+    const at::Tensor& T_flat, double scaling, double p, c10::SymInt seed_sym, bool need_x, bool need_a, bool need_b,
     bool need_c, bool need_k) {
+  const int64_t seed = seed_sym.expect_int();  // concrete by the time a kernel runs
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   const auto grad_y = grad_y_in.contiguous();

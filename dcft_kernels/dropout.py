@@ -9,6 +9,8 @@ tests can hand the very same mask to ``reference.py``.
 """
 from __future__ import annotations
 
+import random
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -18,7 +20,11 @@ _UNIFORM_SCALE = 4.6566127342e-10  # tl.rand's int32 → [0, 1) scale
 
 
 def new_seed() -> int:
-    """Draw a dropout seed from torch's default generator (so ``torch.manual_seed`` fixes it)."""
+    """Draw a dropout seed: from torch's default generator in eager mode (so ``torch.manual_seed``
+    fixes it); from Python's ``random`` under torch.compile, which draws it afresh on every call of
+    the compiled code, where ``.item()`` would break the graph (seed ``random`` too, then)."""
+    if torch.compiler.is_compiling():
+        return random.randrange(2**31 - 1)
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
