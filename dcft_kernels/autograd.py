@@ -74,10 +74,14 @@ class StructuredDeltaLinearFunction(torch.autograd.Function):
         x, weight, A, B, core, kernel, T = ctx.saved_tensors
         x2d = x.reshape(-1, x.shape[-1])
         grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
-        dx, dW, db, dA, dB, dC, dK = _OPS[ctx.backend].backward(
+        need_x, need_w, need_bias, need_a, need_b, need_c, need_k = ctx.needs_input_grad[:7]
+        dx, dA, dB, dC, dK = _OPS[ctx.backend].backward(
             grad_y2d, x2d, weight, A, B, core, kernel, T, ctx.scaling, ctx.p, ctx.seed,
-            tuple(ctx.needs_input_grad[:7]),
+            (need_x, need_a, need_b, need_c, need_k),  # False for an absent core or kernel
         )
         if dx is not None:
             dx = dx.reshape(x.shape)
+        # The frozen-weight path is a plain linear layer: the same on every backend.
+        dW = grad_y2d.T @ x2d if need_w else None
+        db = grad_y2d.sum(0) if need_bias else None
         return dx, dW, db, dA, dB, dC, dK, None, None, None, None

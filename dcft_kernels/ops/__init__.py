@@ -7,6 +7,7 @@ Each backend module exposes the same two functions over 2-D inputs:
     the small fp32 ``T = A · X`` (tokens × r × d) that backward needs.
 
 ``backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad)``
-    returns ``(dx, dW, db, dA, dB, dC, dK)``; entries whose ``needs_grad`` flag
-    is False are None.
+    returns ``(dx, dA, dB, dC, dK)`` for ``needs_grad = (x, A, B, core, kernel)``
+    flags; entries whose flag is False are None. The weight and bias gradients
+    are the same for every backend and live in ``autograd.py``.
 """

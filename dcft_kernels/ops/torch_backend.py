@@ -52,15 +52,15 @@ def forward(x, weight, bias, A, B, core, kernel, scaling, p, seed):
 
 
 def backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad):
-    need_x, need_w, need_b, need_a, need_bb, need_c, need_k = needs_grad
+    need_x, need_a, need_b, need_c, need_k = needs_grad
     dtype = x.dtype
     d = 1 if kernel is None else kernel.shape[0]
     G = _blocks(grad_y, B.shape[0], d)
     acc = T.dtype
     dU = scaling * torch.einsum("or,nod->nrd", B, G).to(acc)
 
-    dx = dW = db = dA = dB = dC = dK = None
-    if need_bb:
+    dx = dA = dB = dC = dK = None
+    if need_b:
         U = _mix(T, core, kernel)
         dB = scaling * torch.einsum("nod,nrd->or", G, U.to(dtype))
     if need_c:
@@ -83,8 +83,4 @@ def backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_g
             if mask is not None:
                 dx_adapter = dx_adapter * mask
             dx = grad_y @ weight + dx_adapter
-    if need_w:
-        dW = grad_y.T @ x
-    if need_b:
-        db = grad_y.sum(0)
-    return dx, dW, db, dA, dB, dC, dK
+    return dx, dA, dB, dC, dK

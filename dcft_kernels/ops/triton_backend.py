@@ -289,13 +289,8 @@ def forward(x, weight, bias, A, B, core, kernel, scaling, p, seed):
 def backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad):
     if _use_torch_instead(x):
         return torch_backend.backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad)
-    need_x, need_w, need_bias, need_a, need_b, need_c, need_k = needs_grad
-    flags = (need_x, need_a, need_b, need_c and core is not None, need_k and kernel is not None)
-    outs = triton_backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, *flags)
-    dx, dA, dB, dC, dK = (out if flag else None for out, flag in zip(outs, flags))
-    dW = grad_y.T @ x if need_w else None
-    db = grad_y.sum(0) if need_bias else None
-    return dx, dW, db, dA, dB, dC, dK
+    outs = triton_backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, *needs_grad)
+    return tuple(out if flag else None for out, flag in zip(outs, needs_grad))
 
 
 @triton_forward.register_fake
