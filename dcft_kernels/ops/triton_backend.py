@@ -1,21 +1,15 @@
-"""The structured-delta op in Triton: three small kernels around cuBLAS, never building ΔW.
+"""The structured-delta op on Triton kernels (``triton_kernels.py``), never building ΔW.
 
-Everything is expressed with two structured matrices built on the fly in
-registers from the tiny factors (``c = r·d + j`` indexes the r·d columns of T):
+Launches per layer call (the frozen ``x·Wᵀ`` and ``dy·W`` are cuBLAS):
 
-* shrink  ``T[n, c] = Σ_k x[n, k] · S[c // d, k // d] · [k % d == c % d]``
-  (``S = A`` for the forward's ``T = A·X``; ``S = Bᵀ`` for backward's ``dU = Bᵀ·G``),
-* expand  ``y[n, m] += s · Σ_c T[n, c] · P[m // d, c // d] · K[m % d, c % d]``
-  (``P = B·C`` with the kernel K in forward; ``P = Aᵀ`` with K = I for ``dx``),
-* token reduction ``Q[c, f] = Σ_n L[n, c] · R[n, f]`` for the factor gradients, whose
-  ``c % d == f % d`` entries summed over the block give ``dA`` and ``dB``.
+* forward, 3: shrink (``T = A·drop(X)`` and the mixed ``U = C·T·Kᵀ``), ``x·Wᵀ + b``, expand ``y += s·B·U``;
+* backward, at most 6: shrink of ``dy`` (``dT = Cᵀ·(s·Bᵀ·G)·K`` and the dC/dK partial sums),
+  ``dy·W``, expand ``dx += drop(Aᵀ·dT)``, the dA and dB token reductions, one kernel that sums
+  all factor-gradient partials and casts them.
 
-Forward is ``y = F.linear(x, W, b)`` (cuBLAS) then shrink and expand-in-place;
-``dx = dy·W`` (cuBLAS) then the same expand with the roles swapped. With
-``GEMM_PATH = "fused"`` the expand instead seeds the accumulator of one Triton GEMM
-(``triton_gemm.py``), so ``y`` and ``dx`` are written once. Only the fp32
-``T`` (tokens × r·d) is saved; dropout is Philox from a seed (``tl.rand``), the
-same stream ``dropout.py`` computes, so no mask is stored.
+With ``GEMM_PATH = "fused"`` the expand is folded into one Triton GEMM instead of cuBLAS + expand,
+so ``y`` and ``dx`` are written once. Only the fp32 ``T`` (tokens × r·d) is saved; dropout is Philox
+from a seed (``tl.rand``), the same stream ``dropout.py`` computes, so no mask is stored.
 """
 from __future__ import annotations
 
@@ -25,16 +19,21 @@ import warnings
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import torch_backend
-from .triton_gemm import INTERPRET, block_c, configs, dot_precision, gemm_with_delta, structured_tile
+from . import triton_kernels as tk
+from .triton_kernels import INTERPRET, MAX_RD, dot_precision, rd_block, small_block
 
 # How x·Wᵀ (and dy·W) meet the delta: "cublas" runs cuBLAS, then adds the delta into the result
 # in place; "fused" seeds the accumulator of one Triton GEMM with the delta, so the output is
 # written once. Process-wide (forward and backward must agree); the benchmark measures both.
 GEMM_PATH = os.environ.get("DCFT_KERNELS_TRITON_GEMM", "cublas")
+# Tokens per partial sum of the dA/dB reductions (more splits fill the GPU for skinny outputs).
+TOKENS_PER_SPLIT = 1024
+MAX_SPLITS = 64
+# Most programs of the backward shrink, hence rows of dC/dK partial sums.
+GRAM_SLOTS = 256
 
 
 def is_available() -> bool:
@@ -42,168 +41,75 @@ def is_available() -> bool:
     return INTERPRET or torch.cuda.is_available()
 
 
-@triton.autotune(
-    configs=configs({"BLOCK_N": 32, "BLOCK_K": 64},
-                     [({"BLOCK_N": bn, "BLOCK_K": bk}, w, s)
-                      for bn in (64, 128) for bk in (64, 128) for w, s in ((4, 3), (8, 4))]),
-    key=["F", "RD", "D"],  # not N: varying token counts must not re-tune
-)
-@triton.jit
-def _shrink_kernel(
-    x_ptr, s_ptr, t_ptr, N, F, RD, seed, p, scale,
-    stride_xn, stride_xk, stride_sr, stride_sb,
-    D: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """T[n, c] = scale · Σ_k drop(x)[n, k] · S[c // D, k // D] · [k % D == c % D] (fp32 out)."""
-    pid_n, pid_c = tl.program_id(0), tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    for k0 in range(0, F, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        in_x = (rows[:, None] < N) & (ks[None, :] < F)
-        x = tl.load(x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk, mask=in_x, other=0.0)
-        if DROPOUT:
-            offsets = rows[:, None].to(tl.int64) * F + ks[None, :]
-            keep = tl.rand(seed, offsets) >= p
-            x = tl.where(keep, x / (1.0 - p), 0.0).to(x.dtype)
-        on_diag = (ks[:, None] % D == cols[None, :] % D) & (ks[:, None] < F) & (cols[None, :] < RD)
-        s = tl.load(s_ptr + (cols[None, :] // D) * stride_sr + (ks[:, None] // D) * stride_sb, mask=on_diag,
-                    other=0.0)
-        acc = tl.dot(x, s.to(x.dtype), acc, input_precision=PRECISION)
-    out = (rows[:, None] < N) & (cols[None, :] < RD)
-    tl.store(t_ptr + rows[:, None] * RD + cols[None, :], acc * scale, mask=out)
+# ---- constexprs of each launch: the launchers and the compile check (triton_aot.py) share them -----
+
+def shrink_meta(d, r, dtype, *, has_c, has_k, backward, dropout, need_dc=False, need_dk=False):
+    return dict(D=d, HAS_C=has_c, HAS_K=has_k, WRITE_U=(has_c or has_k) and not backward, TRANSPOSE=backward,
+                NEED_DC=need_dc, NEED_DK=need_dk, DROPOUT=dropout, PRECISION=dot_precision(dtype),
+                BLOCK_C=rd_block(r * d), BLOCK_R=small_block(r), BLOCK_D=small_block(d))
 
 
-@triton.autotune(
-    configs=configs({"BLOCK_N": 32, "BLOCK_M": 64},
-                     [({"BLOCK_N": bn, "BLOCK_M": bm}, w, s)
-                      for bn in (64, 128) for bm in (64, 128, 256) for w, s in ((4, 3), (8, 3))]),
-    key=["M", "RD", "D"],
-)
-@triton.jit
-def _expand_kernel(
-    y_ptr, t_ptr, p_ptr, k_ptr, N, M, RD, seed, drop_p, scale,
-    stride_yn, stride_ym, stride_pm, stride_pr,
-    D: tl.constexpr, HAS_K: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """y[n, m] += scale · mask · Σ_c T[n, c] · P[m // D, c // D] · K[m % D, c % D]  (K = I if not HAS_K)."""
-    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for c0 in range(0, RD, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        t = tl.load(t_ptr + rows[:, None] * RD + cs[None, :], mask=(rows[:, None] < N) & (cs[None, :] < RD),
-                    other=0.0)
-        tile = structured_tile(p_ptr, k_ptr, cs, ms, RD, M, stride_pm, stride_pr, D, HAS_K)
-        acc = tl.dot(t, tile, acc, input_precision=PRECISION)
-    acc = acc * scale
-    if DROPOUT:
-        offsets = rows[:, None].to(tl.int64) * M + ms[None, :]
-        acc = tl.where(tl.rand(seed, offsets) >= drop_p, acc / (1.0 - drop_p), 0.0)
-    out = (rows[:, None] < N) & (ms[None, :] < M)
-    y_ptrs = y_ptr + rows[:, None] * stride_yn + ms[None, :] * stride_ym
-    y = tl.load(y_ptrs, mask=out, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=out)
+def expand_meta(d, r, dtype, *, dropout):
+    return dict(D=d, DROPOUT=dropout, PRECISION=dot_precision(dtype), BLOCK_C=rd_block(r * d))
 
 
-@triton.autotune(
-    configs=configs({"BLOCK_N": 32, "BLOCK_F": 64},
-                     [({"BLOCK_N": bn, "BLOCK_F": bf}, w, s)
-                      for bn in (64, 128) for bf in (64, 128) for w, s in ((4, 3), (8, 4))]),
-    key=["F", "RD"],
-)
-@triton.jit
-def _token_reduce_kernel(
-    l_ptr, r_ptr, q_ptr, N, F, RD, seed, p, tokens_per_split,
-    stride_rn, stride_rf,
-    BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
-):
-    """Q[split, c, f] = Σ_{n in this split} L[n, c] · drop(R)[n, f]  (fp32; splits summed by the caller)."""
-    pid_f, pid_c, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    fs = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    acc = tl.zeros((BLOCK_C, BLOCK_F), dtype=tl.float32)
-    n_start = pid_s * tokens_per_split
-    n_stop = tl.minimum(n_start + tokens_per_split, N)
-    for n0 in range(n_start, n_stop, BLOCK_N):
-        ns = n0 + tl.arange(0, BLOCK_N)
-        in_n = ns < n_stop
-        lt = tl.load(l_ptr + ns[None, :] * RD + cs[:, None], mask=in_n[None, :] & (cs[:, None] < RD), other=0.0)
-        r = tl.load(r_ptr + ns[:, None] * stride_rn + fs[None, :] * stride_rf,
-                    mask=in_n[:, None] & (fs[None, :] < F), other=0.0).to(tl.float32)
-        if DROPOUT:
-            offsets = ns[:, None].to(tl.int64) * F + fs[None, :]
-            r = tl.where(tl.rand(seed, offsets) >= p, r / (1.0 - p), 0.0)
-        acc = tl.dot(lt, r, acc, input_precision=PRECISION)
-    q_ptrs = q_ptr + pid_s * RD * F + cs[:, None] * F + fs[None, :]
-    tl.store(q_ptrs, acc, mask=(cs[:, None] < RD) & (fs[None, :] < F))
+def factor_grad_meta(d, r, dtype, *, has_c, has_k, mix, dropout):
+    return dict(D=d, D_POW2=triton.next_power_of_2(d), HAS_C=has_c, HAS_K=has_k, MIX=mix, DROPOUT=dropout,
+                PRECISION=dot_precision(dtype), BLOCK_C=rd_block(r * d),
+                BLOCK_R=rd_block(r * d) if d == 1 else small_block(r))
 
 
-# ---- launchers -----------------------------------------------------------------------------------
-
-def shrink(x, S, d, *, scale=1.0, p=0.0, seed=0):
-    """(N, F) x and small S (r, ⌈F/d⌉) -> fp32 (N, r·d)."""
-    N, F = x.shape
-    RD = S.shape[0] * d
-    t = torch.empty(N, RD, device=x.device, dtype=torch.float32)
-    width_c = block_c(RD)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(RD, width_c))  # noqa: E731
-    wrap_triton(_shrink_kernel)[grid](
-        x, S, t, N, F, RD, seed, p, scale, x.stride(0), x.stride(1), S.stride(0), S.stride(1),
-        D=d, BLOCK_C=width_c, DROPOUT=p > 0.0, PRECISION=dot_precision(x.dtype),
-    )
-    return t
+def gemm_meta(d, r, dtype, *, has_bias, dropout):
+    return dict(D=d, HAS_BIAS=has_bias, DROPOUT=dropout, PRECISION=dot_precision(dtype), BLOCK_C=rd_block(r * d))
 
 
-def expand_(y, t, P, kernel, d, *, scale=1.0, p=0.0, seed=0):
-    """y (N, M) += scale · drop(T ⊛ (P, K)) in place; P is (⌈M/d⌉, r), kernel (d, d) or None (= I)."""
+# ---- launchers -------------------------------------------------------------------------------------
+
+def _expand_(y, u, P, d, *, scale, p=0.0, seed=0):
+    """y (N, M) += scale · drop(U ⊛ P) in place; P is (⌈M/d⌉, r)."""
     N, M = y.shape
-    RD = t.shape[1]
-    k = kernel if kernel is not None else t  # never read when HAS_K is False
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
-    wrap_triton(_expand_kernel)[grid](
-        y, t, P, k, N, M, RD, seed, p, scale, y.stride(0), y.stride(1), P.stride(0), P.stride(1),
-        D=d, HAS_K=kernel is not None, BLOCK_C=block_c(RD), DROPOUT=p > 0.0, PRECISION=dot_precision(y.dtype),
-    )
-    return y
+    wrap_triton(tk.expand_kernel)[grid](
+        y, u, P, N, M, u.shape[1], seed, p, scale, y.stride(0), y.stride(1), P.stride(0), P.stride(1),
+        **expand_meta(d, P.shape[1], y.dtype, dropout=p > 0.0))
 
 
-def token_reduce(L, R, *, p=0.0, seed=0):
-    """Q = Lᵀ · drop(R) over tokens: fp32 (RD, F) from L (N, RD) fp32 and R (N, F)."""
-    N, RD = L.shape
-    F = R.shape[1]
-    # Split the token reduction so that skinny outputs still fill the GPU; partial sums, no atomics.
-    splits = 1 if INTERPRET else max(1, min(64, N // 1024))
-    q = torch.empty(splits, RD, F, device=R.device, dtype=torch.float32)
-    tokens_per_split = triton.cdiv(N, splits)
-    width_c = block_c(RD)
-    grid = lambda meta: (triton.cdiv(F, meta["BLOCK_F"]), triton.cdiv(RD, width_c), splits)  # noqa: E731
-    wrap_triton(_token_reduce_kernel)[grid](
-        L, R, q, N, F, RD, seed, p, tokens_per_split, R.stride(0), R.stride(1),
-        BLOCK_C=width_c, DROPOUT=p > 0.0, PRECISION=dot_precision(R.dtype),
-    )
-    return q.sum(0)
+def _gemm_with_delta(a, b, bias, u, P, d, *, scale, p=0.0, seed=0):
+    """``a (M, K) · b (K, N) + bias + scale · drop(U ⊛ P)`` -> new (M, N); b may be a transposed view."""
+    M, K = a.shape
+    N = b.shape[1]
+    out = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    wrap_triton(tk.gemm_with_delta_kernel)[grid](
+        a, b, bias if bias is not None else out, u, P, out, M, N, K, u.shape[1], seed, p, scale,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), P.stride(0), P.stride(1),
+        **gemm_meta(d, P.shape[1], a.dtype, has_bias=bias is not None, dropout=p > 0.0))
+    return out
 
 
-def _block_diagonal_sum(q, r, d, n_blocks):
-    """(r·d, F) -> (r, n_blocks): entry [a, b] = Σ_j q[a·d + j, b·d + j]."""
-    q = F.pad(q, (0, n_blocks * d - q.shape[1]))
-    return q.view(r, d, n_blocks, d).diagonal(dim1=1, dim2=3).sum(-1)
+def _splits(n_tokens: int) -> int:
+    return max(1, min(MAX_SPLITS, triton.cdiv(n_tokens, TOKENS_PER_SPLIT)))
 
 
-def _mix(t, core, kernel, r, d, transpose):
-    """Per token U = C·T·Kᵀ (or, with ``transpose``, Cᵀ·T·K) on the flattened (N, r·d) fp32 T."""
-    if core is None and kernel is None:
-        return t
-    c = core.float() if core is not None else torch.eye(r, device=t.device)
-    k = kernel.float() if kernel is not None else torch.eye(d, device=t.device)
-    # flat U[(a, e)] = Σ_(b, j) T[(b, j)] · C[a, b] · K[e, j]  ⇒  U = T · kron(Cᵀ, Kᵀ)
-    return t @ (torch.kron(c, k) if transpose else torch.kron(c.T, k.T))
+def _factor_grad(out, L, R, core, kernel, d, r, *, mix, scale=1.0, p=0.0, seed=0, transposed_out=False):
+    """Partial sums (splits, r, ⌈F/d⌉) -- or (splits, ⌈F/d⌉, r) with ``transposed_out`` -- into ``out``."""
+    N, F = R.shape
+    n_blocks = triton.cdiv(F, d)
+    splits = out.shape[0]
+    s_split, s_a, s_b = out.stride(0), (out.stride(2) if transposed_out else out.stride(1)), \
+        (out.stride(1) if transposed_out else out.stride(2))
+    grid = lambda meta: (triton.cdiv(n_blocks, meta["BLOCK_B"]), splits)  # noqa: E731
+    wrap_triton(tk.factor_grad_kernel)[grid](
+        L, R, core if core is not None else L, kernel if kernel is not None else L, out,
+        N, F, L.shape[1], n_blocks, seed, p, scale, triton.cdiv(N, splits),
+        R.stride(0), R.stride(1), s_split, s_a, s_b,
+        **factor_grad_meta(d, r, R.dtype, has_c=core is not None, has_k=kernel is not None, mix=mix,
+                           dropout=p > 0.0))
+
+
+def _flat_grad_sizes(r, n_in, n_out, d, need_a, need_b, need_c, need_k):
+    """Sizes of dA, dB, dC, dK in the one flat gradient buffer (0 for those not needed)."""
+    return (r * n_in if need_a else 0, n_out * r if need_b else 0, r * r if need_c else 0, d * d if need_k else 0)
 
 
 # ---- the op, registered so torch.compile sees the kernels -----------------------------------------
@@ -212,14 +118,22 @@ def _mix(t, core, kernel, r, d, transpose):
 def triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                    B: torch.Tensor, core: torch.Tensor | None, kernel: torch.Tensor | None, scaling: float,
                    p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    N, n_feat = x.shape
+    r = A.shape[0]
     d = 1 if kernel is None else kernel.shape[0]
-    kernel = kernel.contiguous() if kernel is not None else None
-    t = shrink(x, A, d, p=p, seed=seed)
-    P = B @ core if core is not None else B
+    mix = core is not None or kernel is not None
+    t = torch.empty(N, r * d, device=x.device, dtype=torch.float32)
+    u = torch.empty_like(t) if mix else t
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    wrap_triton(tk.shrink_kernel)[grid](
+        x, A, core if core is not None else t, kernel if kernel is not None else t, t, u, t, t, t, t,
+        N, n_feat, r * d, seed, p, 1.0, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
+        **shrink_meta(d, r, x.dtype, has_c=core is not None, has_k=kernel is not None, backward=False,
+                      dropout=p > 0.0))
     if GEMM_PATH == "fused":
-        return gemm_with_delta(x, weight.T, bias, t, P, kernel, d, scale=scaling), t
+        return _gemm_with_delta(x, weight.T, bias, u, B, d, scale=scaling), t
     y = F.linear(x, weight, bias)
-    expand_(y, t, P, kernel, d, scale=scaling)
+    _expand_(y, u, B, d, scale=scaling)
     return y, t
 
 
@@ -228,35 +142,72 @@ def triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     B: torch.Tensor, core: torch.Tensor | None, kernel: torch.Tensor | None, t: torch.Tensor,
                     scaling: float, p: float, seed: int, need_x: bool, need_a: bool, need_b: bool,
                     need_c: bool, need_k: bool) -> list[torch.Tensor]:
+    """Returns ``[dx, flat]``: ``flat`` holds dA, dB, dC, dK (those needed) end to end, in x's dtype."""
+    N, n_feat = x.shape
     r, n_in = A.shape
     n_out = B.shape[0]
     d = 1 if kernel is None else kernel.shape[0]
-    kernel = kernel.contiguous() if kernel is not None else None
-    grad_y = grad_y.contiguous()
-    du = shrink(grad_y, B.T, d, scale=scaling)  # dU = s·Bᵀ·G, (N, r·d) fp32
-    dx, dA, dB, dC, dK = (grad_y.new_empty(0) for _ in range(5))  # placeholders for grads not needed
-    if need_b:
-        u = _mix(t, core, kernel, r, d, transpose=False)
-        dB = _block_diagonal_sum(token_reduce(u, grad_y), r, d, n_out).T.mul(scaling).to(B.dtype).contiguous()
-    if need_c or need_k:
-        du3, t3 = du.view(-1, r, d), t.view(-1, r, d)
-        if need_c:
-            duk = du3 @ kernel.float() if kernel is not None else du3
-            dC = torch.einsum("nrj,nsj->rs", duk, t3).to(core.dtype)
-        if need_k:
-            ct = core.float() @ t3 if core is not None else t3
-            dK = torch.einsum("nre,nrj->ej", du3, ct).to(kernel.dtype)
-    if need_x or need_a:
-        dt = _mix(du, core, kernel, r, d, transpose=True)  # dT = Cᵀ·dU·K
-        if need_a:
-            dA = _block_diagonal_sum(token_reduce(dt, x, p=p, seed=seed), r, d, n_in).to(A.dtype)
-        if need_x and GEMM_PATH == "fused":
-            dx = gemm_with_delta(grad_y, weight, None, dt, A.T, None, d, p=p, seed=seed)
-        elif need_x:
-            dx = grad_y @ weight
-            expand_(dx, dt, A.T, None, d, p=p, seed=seed)
-    return [dx, dA, dB, dC, dK]
+    rd = r * d
+    has_c, has_k = core is not None, kernel is not None
+    need_c, need_k = need_c and has_c, need_k and has_k
+    dx = grad_y.new_empty(0)
+    sizes = _flat_grad_sizes(r, n_in, n_out, d, need_a, need_b, need_c, need_k)
+    flat = grad_y.new_empty(sum(sizes))
+    splits = _splits(N)
+    s_a, s_b = (splits if need_a else 0), (splits if need_b else 0)
+    ws = torch.empty(s_a * sizes[0] + s_b * sizes[1] + GRAM_SLOTS * (sizes[2] + sizes[3]), device=x.device,
+                     dtype=torch.float32)
+    ws_a, ws_b, ws_c, ws_k = torch.split(ws, [s_a * sizes[0], s_b * sizes[1], GRAM_SLOTS * sizes[2],
+                                              GRAM_SLOTS * sizes[3]])
+    count = torch.empty(1, device=x.device, dtype=torch.int32)  # programs of the shrink: rows of dC/dK partials
+    dummy = ws if ws.numel() else flat
 
+    dt = None
+    if need_x or need_a or need_c or need_k:
+        dt = torch.empty(N, rd, device=x.device, dtype=torch.float32)
+        n_blocks = lambda meta: triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
+        grid = (lambda meta: (min(n_blocks(meta), GRAM_SLOTS),)) if (need_c or need_k) else \
+            (lambda meta: (n_blocks(meta),))
+        wrap_triton(tk.shrink_kernel)[grid](
+            grad_y, B.T, core if has_c else dt, kernel if has_k else dt, dt, dt, t,
+            ws_c if need_c else dummy, ws_k if need_k else dummy, count,
+            N, grad_y.shape[1], rd, seed, 0.0, scaling,
+            grad_y.stride(0), grad_y.stride(1), B.stride(1), B.stride(0),
+            **shrink_meta(d, r, grad_y.dtype, has_c=has_c, has_k=has_k, backward=True, dropout=False,
+                          need_dc=need_c, need_dk=need_k))
+    if need_x and GEMM_PATH == "fused":
+        dx = _gemm_with_delta(grad_y, weight, None, dt, A.T, d, scale=1.0, p=p, seed=seed)
+    elif need_x:
+        dx = grad_y @ weight
+        _expand_(dx, dt, A.T, d, scale=1.0, p=p, seed=seed)
+    if need_a:
+        _factor_grad(ws_a.view(splits, r, n_in), dt, x, None, None, d, r, mix=False, p=p, seed=seed)
+    if need_b:
+        _factor_grad(ws_b.view(splits, n_out, r), t, grad_y, core, kernel, d, r, mix=has_c or has_k,
+                     scale=scaling, transposed_out=True)
+    if flat.numel():
+        block = 256
+        wrap_triton(tk.sum_partials_kernel)[(triton.cdiv(flat.numel(), block),)](
+            ws if ws.numel() else flat, flat, count, *sizes, s_a, s_b, GRAM_SLOTS,
+            HAS_GRAM=need_c or need_k, BLOCK=block)
+    return [dx, flat]
+
+
+@triton_forward.register_fake
+def _(x, weight, bias, A, B, core, kernel, scaling, p, seed):
+    d = 1 if kernel is None else kernel.shape[0]
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], A.shape[0] * d, dtype=torch.float32)
+
+
+@triton_backward.register_fake
+def _(grad_y, x, weight, A, B, core, kernel, t, scaling, p, seed, need_x, need_a, need_b, need_c, need_k):
+    d = 1 if kernel is None else kernel.shape[0]
+    sizes = _flat_grad_sizes(A.shape[0], A.shape[1], B.shape[0], d, need_a, need_b, need_c and core is not None,
+                             need_k and kernel is not None)
+    return [grad_y.new_empty(x.shape) if need_x else grad_y.new_empty(0), grad_y.new_empty(sum(sizes))]
+
+
+# ---- dispatch --------------------------------------------------------------------------------------
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _warned: set[str] = set()
@@ -271,7 +222,12 @@ def _fallback_reason(x: torch.Tensor) -> str | None:
     return None
 
 
-def _use_torch_instead(x: torch.Tensor) -> bool:
+def _use_torch_instead(x: torch.Tensor, A: torch.Tensor, kernel: torch.Tensor | None) -> bool:
+    d = 1 if kernel is None else kernel.shape[0]
+    if A.shape[0] * d > MAX_RD or x.shape[0] == 0 or x.shape[1] == 0:
+        # r·d beyond one register tile (the torch backend's batched GEMMs fit it better), or nothing to
+        # launch for: silently, as the results are the same.
+        return True
     reason = _fallback_reason(x)
     if reason is not None and reason not in _warned:
         _warned.add(reason)
@@ -280,30 +236,27 @@ def _use_torch_instead(x: torch.Tensor) -> bool:
     return reason is not None
 
 
+def _small(t):
+    """The kernels index the tiny core and kernel as contiguous matrices."""
+    return t.contiguous() if t is not None else None
+
+
 def forward(x, weight, bias, A, B, core, kernel, scaling, p, seed):
-    if _use_torch_instead(x):
+    if _use_torch_instead(x, A, kernel):
         return torch_backend.forward(x, weight, bias, A, B, core, kernel, scaling, p, seed)
-    return triton_forward(x, weight, bias, A, B, core, kernel, scaling, p, seed)
+    return triton_forward(x, weight, bias, A, B, _small(core), _small(kernel), scaling, p, seed)
 
 
 def backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad):
-    if _use_torch_instead(x):
+    if _use_torch_instead(x, A, kernel):
         return torch_backend.backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad)
-    outs = triton_backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, *needs_grad)
-    return tuple(out if flag else None for out, flag in zip(outs, needs_grad))
-
-
-@triton_forward.register_fake
-def _(x, weight, bias, A, B, core, kernel, scaling, p, seed):
+    need_x, need_a, need_b, need_c, need_k = needs_grad
+    need_c, need_k = need_c and core is not None, need_k and kernel is not None
+    dx, flat = triton_backward(grad_y, x, weight, A, B, _small(core), _small(kernel), T, scaling, p,
+                               seed, need_x, need_a, need_b, need_c, need_k)
     d = 1 if kernel is None else kernel.shape[0]
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], A.shape[0] * d, dtype=torch.float32)
-
-
-@triton_backward.register_fake
-def _(grad_y, x, weight, A, B, core, kernel, t, scaling, p, seed, need_x, need_a, need_b, need_c, need_k):
-    def maybe(flag, like, *shape):
-        return like.new_empty(*shape) if flag else grad_y.new_empty(0)
-
-    return [maybe(need_x, grad_y, *x.shape), maybe(need_a, A, *A.shape), maybe(need_b, B, *B.shape),
-            maybe(need_c, A, *core.shape) if core is not None else grad_y.new_empty(0),
-            maybe(need_k, A, *kernel.shape) if kernel is not None else grad_y.new_empty(0)]
+    r, n_in = A.shape
+    sizes = _flat_grad_sizes(r, n_in, B.shape[0], d, need_a, need_b, need_c, need_k)
+    dA, dB, dC, dK = torch.split(flat, sizes)
+    return (dx if need_x else None, dA.view(A.shape) if need_a else None, dB.view(B.shape) if need_b else None,
+            dC.view(core.shape) if need_c else None, dK.view(kernel.shape) if need_k else None)
