@@ -2,6 +2,7 @@
 
 The numerical checks of backend="cpp" run in the shared matrix of test_op.py / test_modules.py.
 """
+import os
 import shutil
 import subprocess
 
@@ -12,6 +13,7 @@ from conftest import FUSED_BACKENDS
 from dcft_kernels import autograd, structured_delta_linear
 from helpers import make_problem
 
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 needs_cpp = pytest.mark.skipif("cpp" not in FUSED_BACKENDS, reason="the C++ extension could not be built here")
 
 
@@ -102,3 +104,28 @@ def test_compiles_on_first_use_without_the_prebuilt_extension(tmp_path):
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0 and "jit ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_cuda_sources_compile_for_sm80_and_sm90_without_warnings(tmp_path):
+    """The .cu compiles for Ampere and Hopper against the installed torch's headers, and nvcc/gcc
+    report no warning in our own files (torch's headers may warn; that is not ours to fix)."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    # The CPU wheel of torch lacks this generated header; its content only matters for CUDA builds of torch.
+    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    includes = [f"-I{tmp_path / 'stub'}"] + [f"-I{p}" for p in include_paths()] + \
+        [f"-I{sysconfig.get_paths()['include']}"]
+    cmd = ["nvcc", "-c", os.path.join(CSRC, "structured_delta_cuda.cu"), "-o", str(tmp_path / "cuda.o"),
+           "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-Wall,-Wextra",
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90", *includes]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ours = [line for line in proc.stderr.splitlines()
+            if "warning" in line.lower() and ("structured_delta" in line or "philox" in line)]
+    assert not ours, "\n".join(ours)

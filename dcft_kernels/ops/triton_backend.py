@@ -23,7 +23,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import torch_backend
 from . import triton_kernels as tk
-from .triton_kernels import INTERPRET, MAX_RD, dot_precision, rd_block, small_block
+from .triton_kernels import INTERPRET, MAX_RD, MAX_RD_BLOCKED, dot_precision, rd_block, small_block
 
 # How x·Wᵀ (and dy·W) meet the delta: "cublas" runs cuBLAS, then adds the delta into the result
 # in place; "fused" seeds the accumulator of one Triton GEMM with the delta, so the output is
@@ -224,7 +224,7 @@ def _fallback_reason(x: torch.Tensor) -> str | None:
 
 def _use_torch_instead(x: torch.Tensor, A: torch.Tensor, kernel: torch.Tensor | None) -> bool:
     d = 1 if kernel is None else kernel.shape[0]
-    if A.shape[0] * d > MAX_RD or x.shape[0] == 0 or x.shape[1] == 0:
+    if A.shape[0] * d > (MAX_RD if d == 1 else MAX_RD_BLOCKED) or x.shape[0] == 0 or x.shape[1] == 0:
         # r·d beyond one register tile (the torch backend's batched GEMMs fit it better), or nothing to
         # launch for: silently, as the results are the same.
         return True

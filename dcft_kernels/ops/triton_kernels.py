@@ -13,8 +13,8 @@ Notation (all on 2-D token-major tensors; ``c = a·D + e`` indexes the r·d colu
   accumulator of one GEMM so ``out`` is written once.
 
 Every offset into a token-major tensor is 64-bit: tokens × features passes 2³¹ at real sizes.
-``RD = r·d`` must fit one register tile (``MAX_RD``) for the in-kernel mix and factor gradients;
-the backend sends larger ``r·d`` to the torch backend.
+``RD = r·d`` must fit one register tile (``MAX_RD``, or ``MAX_RD_BLOCKED`` when d > 1) for the
+in-kernel mix and factor gradients; the backend sends larger ``r·d`` to the torch backend.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_RD = 128
+MAX_RD = 64  # r·d with d = 1 (LoRA, DeLoRA)
+MAX_RD_BLOCKED = 32  # r·d with d > 1: the block sums of the factor gradients need more registers
 
 # Shared memory per block, in bytes, by compute capability major version (opt-in maximum).
 SHARED_MEMORY_LIMIT = {8: 166_912, 9: 232_448, 10: 232_448}
@@ -90,19 +91,57 @@ def _device_shared_memory_limit() -> int:
     return SHARED_MEMORY_LIMIT.get(major, torch.cuda.get_device_properties(0).shared_memory_per_block_optin)
 
 
+def _elements_per_thread(kernel: str, cfg: dict, meta: dict) -> tuple[int, int]:
+    """(elements of the widest loaded tile, elements of the accumulator) per thread."""
+    threads = 32 * cfg["num_warps"]
+    c = meta.get("BLOCK_C", 16)
+    if kernel == "shrink":
+        return cfg["BLOCK_N"] * cfg["BLOCK_K"] // threads, cfg["BLOCK_N"] * c // threads
+    if kernel == "expand":
+        return cfg["BLOCK_N"] * c // threads, cfg["BLOCK_N"] * cfg["BLOCK_M"] // threads
+    if kernel == "factor_grad":
+        width = cfg["BLOCK_B"] * meta["D_POW2"]
+        return cfg["BLOCK_N"] * width // threads, c * width // threads
+    if kernel == "gemm":
+        return max(cfg["BLOCK_M"], cfg["BLOCK_N"]) * cfg["BLOCK_K"] // threads, cfg["BLOCK_M"] * cfg["BLOCK_N"] // threads
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
 def fits(kernel: str, cfg: dict, meta: dict, in_bytes: int, limit: int) -> bool:
-    return estimate_shared_memory(kernel, cfg, meta, in_bytes) <= limit
+    """Whether a config can launch (shared memory within ``limit``) and stays in registers: Philox
+    dropout costs a few registers per element, fp32 tiles (and the IEEE fp32 products of the epilogues)
+    far more than 16-bit ones, so those variants take fewer elements a thread. The compile check
+    (``triton_aot.py``) proves the configs these bounds keep spill-free."""
+    if estimate_shared_memory(kernel, cfg, meta, in_bytes) > limit:
+        return False
+    loaded, acc = _elements_per_thread(kernel, cfg, meta)
+    dropout = meta.get("DROPOUT", False)
+    wide = in_bytes // 2  # 1 for fp16/bf16, 2 for fp32
+    if kernel == "gemm":  # the dropout mask is drawn over the whole accumulator tile
+        return acc <= (16 if dropout else 128) // wide ** 3
+    if kernel == "factor_grad" and cfg["BLOCK_B"] * meta["D_POW2"] > 128:
+        return False  # the block sums of wide tiles cost more than they save
+    epilogue = (meta.get("WRITE_U") or meta.get("TRANSPOSE") or meta.get("MIX")) and meta.get("BLOCK_C", 16) >= 32
+    acc_limit = 32 if dropout and kernel == "expand" else 16 // (wide * wide) if epilogue else 64 // wide
+    loaded_limit = 8 if wide == 2 else 16 if dropout else 64
+    return loaded <= loaded_limit and acc <= acc_limit
+
+
+def keep_configs(kernel: str, configs: list[dict], meta: dict, in_bytes: int, limit: int) -> list[dict]:
+    """The configs the autotuner may try: those that ``fits``, or else the smallest one."""
+    kept = [c for c in configs if fits(kernel, c, meta, in_bytes, limit)]
+    return kept or [min(configs, key=lambda c: sum(_elements_per_thread(kernel, c, meta)))]
 
 
 def _pruner(kernel: str, dtype_arg: str):
-    """early_config_prune for ``kernel``: drop configs whose shared memory cannot fit this GPU, so the
-    autotuner never benchmarks a config that cannot launch; the smallest config always stays."""
+    """early_config_prune for ``kernel``: drop configs that cannot launch or would spill on this GPU,
+    so the autotuner never benchmarks them."""
     def prune(configs, named_args, **kwargs):
         meta = {**named_args, **kwargs}
-        in_bytes = _element_size(meta[dtype_arg].dtype)
-        limit = _device_shared_memory_limit()
-        kept = [c for c in configs if fits(kernel, _as_dict(c), meta, in_bytes, limit)]
-        return kept or [min(configs, key=lambda c: estimate_shared_memory(kernel, _as_dict(c), meta, in_bytes))]
+        as_dicts = [_as_dict(c) for c in configs]
+        kept = keep_configs(kernel, as_dicts, meta, _element_size(meta[dtype_arg].dtype),
+                            _device_shared_memory_limit())
+        return [c for c, d in zip(configs, as_dicts) if d in kept]
     return prune
 
 
@@ -113,19 +152,20 @@ def _as_dict(config: triton.Config) -> dict:
 # The GPU configs, as plain dicts (the compile check enumerates them). The first is the default,
 # the one the interpreter runs. Chosen so that none spills registers on sm_80/90/100.
 CONFIGS = {
-    "shrink": [dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)]
+    "shrink": [dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)]
     + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
-       for bn, bk, w, s in ((64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (32, 128, 4, 4))],
+       for bn, bk, w, s in ((32, 128, 8, 3), (128, 32, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (32, 64, 8, 3),
+                            (32, 32, 4, 3))],
     "expand": [dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2)]
     + [dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=2)
-       for bn, bm, w in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (32, 256, 4))],
-    "factor_grad": [dict(BLOCK_N=64, BLOCK_B=16, num_warps=4, num_stages=3)]
+       for bn, bm, w in ((64, 128, 8), (128, 128, 8), (32, 128, 4), (32, 256, 8))],
+    "factor_grad": [dict(BLOCK_N=32, BLOCK_B=16, num_warps=8, num_stages=3)]
     + [dict(BLOCK_N=bn, BLOCK_B=bb, num_warps=w, num_stages=s)
-       for bn, bb, w, s in ((128, 16, 4, 3), (64, 32, 8, 3), (128, 32, 8, 3))],
+       for bn, bb, w, s in ((64, 16, 8, 3), (32, 32, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 3))],
     "gemm": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)]
     + [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
        for bm, bn, bk, w, s in ((128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
-                                (128, 64, 64, 4, 4))],
+                                (64, 64, 64, 4, 4), (64, 64, 32, 8, 3), (32, 32, 32, 8, 3))],
 }
 # The interpreter runs one small config (it cannot benchmark; tests swap in several to check tuning).
 _INTERPRETER_CONFIGS = {
@@ -243,18 +283,18 @@ def shrink_kernel(
         t_offsets = rows64[:, None] * RD + cols[None, :]
         if NEED_DC or NEED_DK:
             gram = tl.dot(tl.trans(acc), tl.load(saved_t_ptr + t_offsets, mask=out, other=0.0),
-                          input_precision="ieee")  # [(a, e), (b, j)] = Σ_n dU[n, (a, e)] · T[n, (b, j)]
+                          input_precision=PRECISION)  # [(a, e), (b, j)] = Σ_n dU[n, (a, e)] · T[n, (b, j)]
             if NEED_DC:
-                gram_c += tl.dot(tl.trans(sel_r), tl.dot(gram * w_k, sel_r, input_precision="ieee"),
-                                 input_precision="ieee")
+                gram_c += tl.dot(tl.trans(sel_r), tl.dot(gram * w_k, sel_r, input_precision=PRECISION),
+                                 input_precision=PRECISION)
             if NEED_DK:
-                gram_k += tl.dot(tl.trans(sel_d), tl.dot(gram * w_c, sel_d, input_precision="ieee"),
-                                 input_precision="ieee")
+                gram_k += tl.dot(tl.trans(sel_d), tl.dot(gram * w_c, sel_d, input_precision=PRECISION),
+                                 input_precision=PRECISION)
         if WRITE_U or TRANSPOSE:
             if not TRANSPOSE:
                 tl.store(t_ptr + t_offsets, acc, mask=out)  # T, saved for backward
             if HAS_C or HAS_K:
-                acc = tl.dot(acc, mix, input_precision="ieee")
+                acc = tl.dot(acc, mix, input_precision=PRECISION)
             tl.store(u_ptr + t_offsets, acc, mask=out)  # U (forward) or dT (backward)
         else:
             tl.store(t_ptr + t_offsets, acc, mask=out)
@@ -334,12 +374,12 @@ def factor_grad_kernel(
             r = tl.where(tl.rand(seed, ns64[:, None] * F + fs[None, :]) >= p, r / (1.0 - p), 0.0)
         acc = tl.dot(lt, r.to(tl.float32), acc, input_precision=PRECISION)
     if MIX:  # Σ_n (L·Mix)ᵀ R = Mixᵀ · Σ_n Lᵀ R
-        acc = tl.dot(_mix_tile(c_ptr, k_ptr, cs, RD, D, HAS_C, HAS_K, True), acc, input_precision="ieee")
+        acc = tl.dot(_mix_tile(c_ptr, k_ptr, cs, RD, D, HAS_C, HAS_K, True), acc, input_precision=PRECISION)
     bs = tl.arange(0, BLOCK_B)
     if D > 1:  # keep the e == e' entries, then sum each D×D block with two 0/1 products
         acc = tl.where(cs[:, None] % D == fl[None, :] % D, acc, 0.0)
-        acc = tl.dot(acc, _selector(fl, bs, D), input_precision="ieee")
-        acc = tl.dot(tl.trans(_selector(cs, tl.arange(0, BLOCK_R), D)), acc, input_precision="ieee")
+        acc = tl.dot(acc, _selector(fl, bs, D), input_precision=PRECISION)
+        acc = tl.dot(tl.trans(_selector(cs, tl.arange(0, BLOCK_R), D)), acc, input_precision=PRECISION)
     a_idx = tl.arange(0, BLOCK_R)
     b_idx = pid_b * BLOCK_B + bs
     ptrs = out_ptr + pid_s * stride_os + a_idx[:, None] * stride_oa + b_idx[None, :] * stride_ob
