@@ -59,8 +59,9 @@ def factor_grad_meta(d, r, dtype, *, has_c, has_k, mix, dropout):
                 BLOCK_R=rd_block(r * d) if d == 1 else small_block(r))
 
 
-def gemm_meta(d, r, dtype, *, has_bias, dropout):
-    return dict(D=d, HAS_BIAS=has_bias, DROPOUT=dropout, PRECISION=dot_precision(dtype), BLOCK_C=rd_block(r * d))
+def gemm_meta(d, r, dtype, *, has_bias, dropout, has_delta=True):
+    return dict(D=d, HAS_BIAS=has_bias, HAS_DELTA=has_delta, DROPOUT=dropout, PRECISION=dot_precision(dtype),
+                BLOCK_C=rd_block(r * d))
 
 
 # ---- launchers -------------------------------------------------------------------------------------
@@ -75,16 +76,26 @@ def _expand_(y, u, P, d, *, scale, p=0.0, seed=0):
 
 
 def _gemm_with_delta(a, b, bias, u, P, d, *, scale, p=0.0, seed=0):
-    """``a (M, K) · b (K, N) + bias + scale · drop(U ⊛ P)`` -> new (M, N); b may be a transposed view."""
+    """``a (M, K) · b (K, N) + bias + scale · drop(U ⊛ P)`` -> new (M, N); b may be a transposed view.
+    With ``u`` None: the plain GEMM of the same kernel."""
     M, K = a.shape
     N = b.shape[1]
     out = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    has_delta = u is not None
+    u = u if has_delta else out
+    P = P if has_delta else b
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     wrap_triton(tk.gemm_with_delta_kernel)[grid](
-        a, b, bias if bias is not None else out, u, P, out, M, N, K, u.shape[1], seed, p, scale,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), P.stride(0), P.stride(1),
-        **gemm_meta(d, P.shape[1], a.dtype, has_bias=bias is not None, dropout=p > 0.0))
+        a, b, bias if bias is not None else out, u, P, out, M, N, K, u.shape[1] if has_delta else 1, seed, p,
+        scale, a.stride(0), a.stride(1), b.stride(0), b.stride(1), P.stride(0), P.stride(1),
+        **gemm_meta(d, P.shape[1] if has_delta else 1, a.dtype, has_bias=bias is not None, dropout=p > 0.0,
+                    has_delta=has_delta))
     return out
+
+
+def plain_gemm(a, b, bias=None):
+    """``a · b + bias`` by the fused GEMM kernel with the delta off: what the delta costs on top."""
+    return _gemm_with_delta(a, b, bias, None, None, 1, scale=1.0)
 
 
 def _splits(n_tokens: int) -> int:

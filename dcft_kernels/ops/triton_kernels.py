@@ -415,13 +415,13 @@ def sum_partials_kernel(ws_ptr, out_ptr, count_ptr, n0, n1, n2, n3, s0, s1, gram
 def gemm_with_delta_kernel(
     a_ptr, b_ptr, bias_ptr, u_ptr, p_ptr, out_ptr, M, N, K, RD, seed, drop_p, scale,
     stride_am, stride_ak, stride_bk, stride_bn, stride_pm, stride_pr,
-    D: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out = a · b + bias + scale · drop(U ⊛ P)``: the delta seeds the accumulator (one K-step of
     width r·d), so ``out`` is written once. Serves the forward (a = x, b = Wᵀ, P = B) and dx
-    (a = dy, b = W, P = Aᵀ, dropout)."""
+    (a = dy, b = W, P = Aᵀ, dropout). Without ``HAS_DELTA`` it is the plain GEMM (for the benchmark)."""
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     group = pid // (GROUP_M * n_n)  # grouped ordering: neighbouring programs share rows of a, for L2
@@ -434,12 +434,16 @@ def gemm_with_delta_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cs = tl.arange(0, BLOCK_C)
 
-    u = tl.load(u_ptr + rows64[:, None] * RD + cs[None, :], mask=(rows[:, None] < M) & (cs[None, :] < RD),
-                other=0.0)
-    acc = tl.dot(u, _expand_tile(p_ptr, cs, cols, RD, N, stride_pm, stride_pr, D), input_precision=PRECISION)
-    acc = acc * scale
-    if DROPOUT:
-        acc = tl.where(tl.rand(seed, rows64[:, None] * N + cols[None, :]) >= drop_p, acc / (1.0 - drop_p), 0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_DELTA:
+        u = tl.load(u_ptr + rows64[:, None] * RD + cs[None, :], mask=(rows[:, None] < M) & (cs[None, :] < RD),
+                    other=0.0)
+        acc = tl.dot(u, _expand_tile(p_ptr, cs, cols, RD, N, stride_pm, stride_pr, D), acc,
+                     input_precision=PRECISION)
+        acc = acc * scale
+        if DROPOUT:
+            acc = tl.where(tl.rand(seed, rows64[:, None] * N + cols[None, :]) >= drop_p, acc / (1.0 - drop_p),
+                           0.0)
 
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
