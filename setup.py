@@ -22,7 +22,9 @@ def extension_build():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         return {}
-    cflags = os.environ.get("DCFT_KERNELS_CPU_FLAGS", "-O3 -march=native").split()
+    # Portable by default (a wheel or build copied to an older CPU still runs);
+    # DCFT_KERNELS_CPU_FLAGS="-O3 -march=native" tunes for the building machine.
+    cflags = os.environ.get("DCFT_KERNELS_CPU_FLAGS", "-O3").split()
     if torch.version.cuda is not None and CUDA_HOME is not None:
         ext = CUDAExtension("dcft_kernels._C", CPU_SOURCES + CUDA_SOURCES, optional=True,
                             extra_compile_args={"cxx": cflags, "nvcc": ["-O3"]})

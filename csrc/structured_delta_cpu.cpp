@@ -1,4 +1,4 @@
-// CPU implementation of the structured-delta op (see DESIGN.md):
+// CPU implementation of the structured-delta op (the math: docs/design.md):
 //
 //   y = x Wᵀ + b + s · drop(x) ΔWᵀ,   ΔW = (B · C · A) ⊗ K  cropped to out × in,
 //

@@ -12,6 +12,7 @@ from .functional import (
 )
 from .model import (
     count_trainable_parameters,
+    from_pretrained,
     inject_adapters,
     load_adapter,
     load_peft_lora,
@@ -34,6 +35,7 @@ __all__ = [
     "adapter_parameters",
     "count_adapter_parameters",
     "count_trainable_parameters",
+    "from_pretrained",
     "inject_adapters",
     "load_adapter",
     "load_peft_lora",

@@ -7,6 +7,7 @@ dropout mask is regenerated from its seed instead of being stored.
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from functools import lru_cache
 
@@ -21,14 +22,25 @@ def _load(name: str):
     return importlib.import_module(f"dcft_kernels.ops.{_OP_MODULES[name]}")
 
 
+# DCFT_KERNELS_STRICT=1 (set in CI): a backend that fails to load is an error, not a warning, so a
+# broken C++ build or Triton install cannot hide behind the torch fallback.
+STRICT = os.environ.get("DCFT_KERNELS_STRICT") == "1"
+
+
 @lru_cache(maxsize=None)
 def is_available(name: str) -> bool:
-    """Whether backend ``name`` can run here (imports it, compiling the C++ one if needed)."""
+    """Whether backend ``name`` can run here (imports it, compiling the C++ one if needed).
+
+    A backend that fails to load gives a warning naming the cause and False, or, with
+    ``DCFT_KERNELS_STRICT=1``, a RuntimeError."""
     if name in ("torch", "reference"):
         return True
     try:
         return bool(_load(name).is_available())
     except Exception as exc:  # missing triton, no compiler, ...
+        if STRICT:
+            raise RuntimeError(f"dcft_kernels: backend {name!r} failed to load ({type(exc).__name__}: {exc}) "
+                               "and DCFT_KERNELS_STRICT=1") from exc
         warnings.warn(f"dcft_kernels: backend {name!r} is unavailable ({exc})", stacklevel=3)
         return False
 

@@ -84,7 +84,8 @@ def delora_linear(x, weight, bias, A, B, core, *, scaling=1.0, dropout=0.0, seed
 def structured_delta_weight(A, B, core=None, kernel=None, out_features=None, in_features=None, scaling=1.0):
     """Build ΔW densely (for merging and inspection): ``scaling · kron(B·C·A, K)`` cropped."""
     small = B @ core @ A if core is not None else B @ A
-    delta = torch.kron(small, kernel) if kernel is not None else small
+    # torch.kron views its inputs: a transposed (non-contiguous) kernel must be laid out first.
+    delta = torch.kron(small.contiguous(), kernel.contiguous()) if kernel is not None else small
     out_features = delta.shape[0] if out_features is None else out_features
     in_features = delta.shape[1] if in_features is None else in_features
     return scaling * delta[:out_features, :in_features]

@@ -8,9 +8,11 @@ Adapter files are a directory with ``adapter_model.safetensors`` and
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
+import shutil
+import tempfile
+import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,7 +27,7 @@ _CONFIG_ATTR = "dcft_kernels_config"  # set on the model by inject_adapters
 # Constructor options each method takes (and that a saved config records).
 _OPTIONS = {
     "dcft": ("kernel_size", "rank", "alpha", "dropout", "init", "backend"),
-    "lora": ("rank", "alpha", "dropout", "backend"),
+    "lora": ("rank", "alpha", "rslora", "dropout", "backend"),
     "delora": ("rank", "alpha", "dropout", "backend"),
 }
 
@@ -68,9 +70,7 @@ def inject_adapters(model: nn.Module, method: str = "dcft", target_modules=("que
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    unknown = set(config) - set(_OPTIONS[method])
-    if unknown:
-        raise TypeError(f"{method} adapters take {list(_OPTIONS[method])}, got unexpected {sorted(unknown)}")
+    _validate_options(method, config)
     if isinstance(target_modules, str):
         re.compile(target_modules)  # a bad regex fails here, before the model changes
     names = [n for n, _ in model.named_modules() if n and _matches(n, target_modules)]
@@ -90,8 +90,24 @@ def inject_adapters(model: nn.Module, method: str = "dcft", target_modules=("que
         _set_submodule(model, name, cls.from_linear(model.get_submodule(name), **config))
     for name in saved:
         model.get_submodule(name).requires_grad_(True)
-    setattr(model, _CONFIG_ATTR, {"method": method, "target_modules": names, "modules_to_save": saved, **config})
+    adapter_config = {"method": method, "target_modules": names, "modules_to_save": saved, **config}
+    setattr(model, _CONFIG_ATTR, adapter_config)
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "to_json_string"):
+        # Recorded in config.json by transformers' save_pretrained, so that from_pretrained below
+        # can rebuild the adapters (transformers alone would drop their tensors as unexpected keys).
+        hf_config.dcft_kernels_adapter = adapter_config
     return model
+
+
+def _validate_options(method: str, options: dict) -> None:
+    """Raise for unknown or bad adapter options, touching no model (a throwaway module on 'meta')."""
+    unknown = set(options) - set(_OPTIONS[method])
+    if unknown:
+        raise TypeError(f"{method} adapters take {list(_OPTIONS[method])}, got unexpected {sorted(unknown)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # warnings about sizes belong to the real layers
+        METHODS[method](16, 16, device="meta", **options)
 
 
 def count_trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -113,18 +129,25 @@ def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     which the adapter cannot be rebuilt without) and the parameters of ``modules_to_save``."""
     tensors = {}
     for name, module in _adapters(model):
-        for key in ("A", "B", "core", "kernel"):
-            t = getattr(module, key, None)
-            if t is not None:
-                tensors[f"{name}.{key}"] = t
+        for key, t in _factor_tensors(module).items():
+            tensors[f"{name}.{key}"] = t
     for name in getattr(model, _CONFIG_ATTR, {}).get("modules_to_save", []):
         for key, t in model.get_submodule(name).state_dict().items():
             tensors[f"{name}.{key}"] = t
     return tensors
 
 
+def _factor_tensors(module: AdaptedLinear) -> dict[str, torch.Tensor]:
+    return {key: t for key in ("A", "B", "core", "kernel") if (t := getattr(module, key, None)) is not None}
+
+
 def save_adapter(model: nn.Module, path: str) -> None:
-    """Write the adapter of ``model`` to directory ``path`` (safetensors + JSON config)."""
+    """Write the adapter of ``model`` to directory ``path`` (safetensors + JSON config).
+
+    Atomic: both files are written to a temporary directory beside ``path``, which then replaces
+    ``path``; a failure at any point leaves a previous adapter at ``path`` (or, if the process dies
+    between the two renames, in ``path`` + ``.old``) and never a half-written one.
+    """
     config = getattr(model, _CONFIG_ATTR, None)
     if config is None or not _adapters(model):
         raise ValueError("model has no adapters; call inject_adapters first")
@@ -132,83 +155,200 @@ def save_adapter(model: nn.Module, path: str) -> None:
         raise ValueError("unmerge the adapters before saving them")
     from . import __version__
 
-    os.makedirs(path, exist_ok=True)
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
     tensors = {k: t.detach().contiguous().cpu() for k, t in _adapter_tensors(model).items()}
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME))
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump({**config, "dcft_kernels_version": __version__}, f, indent=2)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        save_file(tensors, os.path.join(staging, WEIGHTS_NAME))
+        with open(os.path.join(staging, CONFIG_NAME), "w") as f:
+            json.dump({**config, "dcft_kernels_version": __version__}, f, indent=2)
+        old = path + ".old"
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+            os.rename(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def _expected_shape(method, key, linear: nn.Linear, config):
-    rank = config.get("rank", 1 if method == "dcft" else 8)
-    d = config.get("kernel_size", 8) if method == "dcft" else 1
-    shapes = {"A": (rank, math.ceil(linear.in_features / d)), "B": (math.ceil(linear.out_features / d), rank),
-              "core": (rank, rank), "kernel": (d, d)}
-    return shapes.get(key)
+def _read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config and tensors of an adapter directory; a clear error for anything unreadable."""
+    config_file, weights_file = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    for f in (config_file, weights_file):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f} does not exist: {path} is not an adapter saved by save_adapter")
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config_file} is not a valid adapter config ({exc})") from None
+    try:
+        tensors = load_file(weights_file)
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{weights_file} is not a valid adapter file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} is not a valid adapter config (not a JSON object)")
+    method = config.get("method")
+    if method not in METHODS:
+        raise ValueError(f"{config_file}: unknown adapter method {method!r}; expected one of {sorted(METHODS)}")
+    targets = config.get("target_modules")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{config_file}: 'target_modules' must be a non-empty list of module names, got {targets!r}")
+    return config, tensors
+
+
+def _check_adapter(model: nn.Module, path: str, config: dict, tensors: dict[str, torch.Tensor]):
+    """Check the file against the modules the model has (or would get) before anything changes.
+
+    Returns ``(options, inject)``: the adapter options, and whether the model still needs them
+    injected. Every mismatch is a ValueError naming the layer, the expected and the found.
+    """
+    method = config["method"]
+    options = {k: config[k] for k in _OPTIONS[method] if k in config}
+    current = getattr(model, _CONFIG_ATTR, None)
+    if current is not None and current["method"] != method:
+        raise ValueError(f"model holds {current['method']} adapters but {path} is a {method} adapter")
+    inject = current is None
+    if inject:
+        _validate_options(method, options)
+
+    expected: dict[str, tuple[tuple, torch.dtype | None]] = {}  # tensor name -> (shape, dtype)
+    for name in config["target_modules"]:
+        module = _get(model, name, path)
+        if isinstance(module, AdaptedLinear):
+            if _method_of(module) != method:
+                raise ValueError(f"{path}: module {name!r} holds a {_method_of(module)} adapter, not {method}")
+            if module.merged:
+                raise ValueError(f"{path}: module {name!r} is merged; call unmerge_adapters(model) before loading")
+            for key, opt in (("rank", "rank"), ("kernel_size", "kernel_size"), ("alpha", "alpha"),
+                             ("rslora", "rslora")):
+                if opt in options and getattr(module, key, options[opt]) != options[opt]:
+                    raise ValueError(f"{path}: module {name!r} has {key}={getattr(module, key)!r}, the file has "
+                                     f"{options[opt]!r}")
+            for key, t in _factor_tensors(module).items():
+                expected[f"{name}.{key}"] = (tuple(t.shape), t.dtype)
+        elif isinstance(module, nn.Linear):
+            if not inject:
+                raise ValueError(f"{path}: module {name!r} is a plain nn.Linear in a model injected with adapters")
+            for key, shape in _factor_shapes(method, module, options).items():
+                expected[f"{name}.{key}"] = (shape, module.weight.dtype)
+        else:
+            raise ValueError(f"{path}: module {name!r} is a {type(module).__name__}, not an nn.Linear")
+    for name in config.get("modules_to_save") or []:
+        for key, t in _get(model, name, path).state_dict().items():
+            expected[f"{name}.{key}"] = (tuple(t.shape), t.dtype)
+
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{path}: missing tensor {missing[0]!r} (expected shape {expected[missing[0]][0]})"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ValueError(f"{path}: tensor {extra[0]!r} belongs to no adapter or saved module of the model")
+    for key, (shape, dtype) in expected.items():
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, the model expects {shape}")
+        if dtype is not None and t.dtype != dtype:
+            raise ValueError(f"{path}: tensor {key!r} has dtype {t.dtype}, the model expects {dtype}")
+    return options, inject
+
+
+def _get(model, name, path):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{path}: the model has no module {name!r}") from None
+
+
+def _factor_shapes(method, linear: nn.Linear, options) -> dict[str, tuple]:
+    """The factor shapes an adapter of ``method`` with ``options`` would get on ``linear``."""
+    cls = METHODS[method]
+    meta = cls.from_linear(nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta"),
+                           **options)
+    return {key: tuple(t.shape) for key, t in _factor_tensors(meta).items()}
 
 
 def load_adapter(model: nn.Module, path: str) -> nn.Module:
     """Load an adapter saved by ``save_adapter`` into ``model`` (injecting it first if needed).
 
-    Everything is checked before the model is touched: a wrong method, a missing module or a
-    tensor of the wrong shape raises ``ValueError`` and leaves the model as it was. The loaded
-    tensors are bit-exact copies of the saved ones. Returns ``model``.
+    All or nothing: every tensor name, shape and dtype, the method and the options (rank,
+    kernel size, alpha) are checked against the modules the model has, or would get, before
+    anything changes. A missing or extra tensor, a mismatch, a merged module or an unreadable file
+    raises ``ValueError`` (``FileNotFoundError`` for a missing file) and leaves every parameter
+    and module of the model as it was. The loaded tensors are bit-exact copies of the saved ones.
+    Returns ``model``.
     """
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        config = json.load(f)
-    tensors = load_file(os.path.join(path, WEIGHTS_NAME))
-    method = config.get("method")
-    if method not in METHODS:
-        raise ValueError(f"{path}: unknown adapter method {method!r}")
-    options = {k: config[k] for k in _OPTIONS[method] if k in config}
-    current = getattr(model, _CONFIG_ATTR, None)
-    if current is not None and current["method"] != method:
-        raise ValueError(f"model holds {current['method']} adapters but {path} is a {method} adapter")
-
-    modules = {}
-    for name in config["target_modules"]:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{path}: the model has no module {name!r}") from None
-        if isinstance(module, AdaptedLinear):
-            if _method_of(module) != method:
-                raise ValueError(f"module {name!r} holds a {_method_of(module)} adapter, not {method}")
-        elif not isinstance(module, nn.Linear):
-            raise ValueError(f"module {name!r} is a {type(module).__name__}, not an nn.Linear")
-        modules[name] = module
-    saved_state = {}
-    for name in config.get("modules_to_save", []):
-        try:
-            saved_state[name] = model.get_submodule(name).state_dict()
-        except AttributeError:
-            raise ValueError(f"{path}: the model has no module {name!r}") from None
-    for key, t in tensors.items():
-        name, _, attr = key.rpartition(".")
-        if name in modules:
-            want = _expected_shape(method, attr, modules[name], options)
-        elif any(key.startswith(m + ".") for m in saved_state):
-            owner = next(m for m in saved_state if key.startswith(m + "."))
-            ref = saved_state[owner].get(key[len(owner) + 1:])
-            want = None if ref is None else tuple(ref.shape)
-        else:
-            raise ValueError(f"{path}: tensor {key!r} belongs to no adapted or saved module of the model")
-        if want is None or tuple(t.shape) != want:
-            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, the model expects {want}")
-
-    if current is None:
-        inject_adapters(model, method, target_modules=config["target_modules"],
+    config, tensors = _read_adapter(path)
+    options, inject = _check_adapter(model, path, config, tensors)
+    if inject:
+        inject_adapters(model, config["method"], target_modules=config["target_modules"],
                         modules_to_save=config.get("modules_to_save") or (), **options)
     with torch.no_grad():
-        for key, t in tensors.items():
-            name, _, attr = key.rpartition(".")
-            if name in modules:
-                getattr(model.get_submodule(name), attr).copy_(t)
-        for owner in saved_state:
+        for name in config["target_modules"]:
+            for key, t in _factor_tensors(model.get_submodule(name)).items():
+                t.copy_(tensors[f"{name}.{key}"])
+        for owner in config.get("modules_to_save") or []:
             prefix = owner + "."
             model.get_submodule(owner).load_state_dict(
                 {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)})
     return model
+
+
+def from_pretrained(model_class, path: str, **kwargs) -> nn.Module:
+    """Load a model saved with transformers' ``save_pretrained`` after ``inject_adapters``, adapters
+    included: ``model_class.from_pretrained(path, **kwargs)`` loads the base weights (and warns that
+    the adapter tensors were unused: it has no modules for them), then the adapters recorded in
+    ``config.json`` are injected and their tensors read from the same safetensors files.
+
+    Plain ``model_class.from_pretrained`` on such a directory gives the *base* model: the
+    fine-tuned adapter is not applied. Use this function, or ``save_adapter`` / ``load_adapter``.
+    """
+    model = model_class.from_pretrained(path, **kwargs)
+    config = getattr(model.config, "dcft_kernels_adapter", None)
+    if not config:
+        raise ValueError(f"{path}: config.json records no dcft_kernels adapter (was inject_adapters called "
+                         "before save_pretrained?)")
+    del model.config.dcft_kernels_adapter  # inject_adapters records it again
+    tensors = _read_pretrained_tensors(path, config)
+    options = {k: config[k] for k in _OPTIONS[config["method"]] if k in config}
+    _check_adapter(model, path, {**config, "modules_to_save": []}, tensors)
+    inject_adapters(model, config["method"], target_modules=config["target_modules"],
+                    modules_to_save=config.get("modules_to_save") or (), **options)
+    with torch.no_grad():
+        for name in config["target_modules"]:
+            for key, t in _factor_tensors(model.get_submodule(name)).items():
+                t.copy_(tensors[f"{name}.{key}"])
+    return model
+
+
+def _read_pretrained_tensors(path: str, config: dict) -> dict[str, torch.Tensor]:
+    """The adapter factors from ``model.safetensors`` (or its shards) written by save_pretrained."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    wanted = {f"{name}.{key}" for name in config["target_modules"] for key in ("A", "B", "core", "kernel")}
+    tensors = {}
+    for file in files:
+        full = os.path.join(path, file)
+        try:
+            with safe_open(full, framework="pt") as f:
+                for key in f.keys():
+                    if key in wanted:
+                        tensors[key] = f.get_tensor(key)
+        except Exception as exc:
+            raise ValueError(f"{full} is not a valid safetensors file ({type(exc).__name__}: {exc})") from None
+    return tensors
 
 
 # ---- merge -----------------------------------------------------------------------------------------
@@ -232,6 +372,8 @@ def merge_adapters(model: nn.Module, unload: bool = True) -> nn.Module:
             _set_submodule(model, name, linear)
     if unload and hasattr(model, _CONFIG_ATTR):
         delattr(model, _CONFIG_ATTR)
+        if hasattr(getattr(model, "config", None), "dcft_kernels_adapter"):
+            del model.config.dcft_kernels_adapter  # a merged model saves and loads as a plain one
     return model
 
 
@@ -287,18 +429,23 @@ def load_peft_lora(model: nn.Module, peft_dir: str, backend: str = "auto") -> nn
         if A.shape != (rank, module.in_features) or B.shape != (module.out_features, rank):
             raise ValueError(f"{peft_dir}: {name!r} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}, "
                              f"expected ({rank}, {module.in_features}) / ({module.out_features}, {rank})")
-    inject_adapters(model, "lora", target_modules=names, rank=rank, alpha=alpha,
-                    dropout=float(config.get("lora_dropout", 0.0)), backend=backend)
+    owners = sorted({key.rpartition(".")[0] for key in saved})
+    for key in saved:
+        owner, _, attr = key.rpartition(".")
+        target = _get(model, owner, peft_dir)
+        if attr not in target.state_dict() or target.state_dict()[attr].shape != saved[key].shape:
+            raise ValueError(f"{peft_dir}: saved tensor {key!r} does not fit module {owner!r}")
+    # Exact names, so that a saved module is not matched again by suffix elsewhere in the model.
+    inject_adapters(model, "lora", target_modules="|".join(re.escape(n) for n in names),
+                    modules_to_save="|".join(re.escape(n) for n in owners) if owners else (), rank=rank, alpha=alpha,
+                    rslora=bool(config.get("use_rslora", False)), dropout=float(config.get("lora_dropout", 0.0)),
+                    backend=backend)
     with torch.no_grad():
         for name in names:
             module = model.get_submodule(name)
             module.A.copy_(factors[name]["A"])
             module.B.copy_(factors[name]["B"])
-            if config.get("use_rslora"):
-                module.scaling = alpha / math.sqrt(rank)
         for key, t in saved.items():
             owner, _, attr = key.rpartition(".")
-            target = model.get_submodule(owner)
-            getattr(target, attr).copy_(t)
-            target.requires_grad_(True)
+            model.get_submodule(owner).state_dict()[attr].copy_(t)
     return model

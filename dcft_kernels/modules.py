@@ -25,6 +25,20 @@ def _positive_int(name, value):
     return value
 
 
+def _warn_useless_sizes(layer: str, in_features, out_features, rank, d=1):
+    """Sizes that are accepted but leave parameters that can never change ΔW: say so, with the maximum."""
+    if not all(isinstance(v, int) and v > 0 for v in (in_features, out_features, rank, d)):
+        return  # invalid sizes get their ValueError from the constructor
+    if d > min(in_features, out_features):
+        warnings.warn(f"{layer}: kernel_size={d} exceeds min(in_features, out_features)={min(in_features, out_features)}"
+                      f"; the kernel's entries beyond it are cropped away and never train", stacklevel=3)
+    most = min(-(-in_features // d), -(-out_features // d))
+    if rank > most:
+        warnings.warn(f"{layer}: rank={rank} exceeds the largest useful rank {most} (min(⌈in/d⌉, ⌈out/d⌉) for "
+                      f"in={in_features}, out={out_features}, d={d}); the extra rank adds no expressiveness",
+                      stacklevel=3)
+
+
 class AdaptedLinear(nn.Module):
     """Common base: a frozen ``nn.Linear`` plus ``scaling · (B·C·A) ⊗ K``.
 
@@ -154,6 +168,7 @@ class DCFTLinear(AdaptedLinear):
             raise ValueError(f"init must be 'zero' or 'paper', got {init!r}")
         self.alpha = alpha
         self.init = init
+        _warn_useless_sizes("DCFTLinear", in_features, out_features, rank, kernel_size)
         scaling = 1.0 if alpha is None else alpha / rank
         super().__init__(in_features, out_features, bias=bias, scaling=scaling, dropout=dropout,
                          backend=backend, base=_base, device=device, dtype=dtype)
@@ -182,17 +197,20 @@ class DCFTLinear(AdaptedLinear):
 
 
 class LoRALinear(AdaptedLinear):
-    """``nn.Linear`` + LoRA delta ``ΔW = (alpha / rank) · B·A``.
+    """``nn.Linear`` + LoRA delta ``ΔW = (alpha / rank) · B·A`` (``alpha / √rank`` with ``rslora``).
 
     Parameters ``A`` ``(r, in)`` (Kaiming-uniform) and ``B`` ``(out, r)`` (zeros), as in PEFT,
     so the layer equals the frozen one at step 0.
     """
 
     def __init__(self, in_features, out_features, rank=8, alpha=16, dropout=0.0, bias=True,
-                 *, backend="auto", device=None, dtype=None, _base=None):
+                 *, rslora=False, backend="auto", device=None, dtype=None, _base=None):
         self.rank = _positive_int("rank", rank)
         self.alpha = alpha
-        super().__init__(in_features, out_features, bias=bias, scaling=alpha / rank, dropout=dropout,
+        self.rslora = bool(rslora)
+        _warn_useless_sizes("LoRALinear", in_features, out_features, rank)
+        scaling = alpha / math.sqrt(rank) if self.rslora else alpha / rank
+        super().__init__(in_features, out_features, bias=bias, scaling=scaling, dropout=dropout,
                          backend=backend, base=_base, device=device, dtype=dtype)
         kw = self._factor_kwargs()
         self.A = nn.Parameter(torch.empty(rank, in_features, **kw))
@@ -208,13 +226,13 @@ class LoRALinear(AdaptedLinear):
         return self.A, self.B, None, None
 
     def _adapter_repr(self):
-        return f"rank={self.rank}, alpha={self.alpha:g}"
+        return f"rank={self.rank}, alpha={self.alpha:g}" + (", rslora=True" if self.rslora else "")
 
 
 class DeLoRALinear(AdaptedLinear):
     """``nn.Linear`` + decomposition-based DeLoRA delta ``ΔW = (alpha / rank) · B·Σ·A``.
 
-    This is the DeLoRA of the WashU report (``shared/seeds/002_…``): A ``(r, in)`` and
+    This is the DeLoRA of the WashU report (LoRA with frozen random A, B and a trained Σ): A ``(r, in)`` and
     B ``(out, r)`` are frozen at random values (buffers, Kaiming-uniform like LoRA's A) and
     only the ``r × r`` ``core`` Σ is trained, starting at zero so the layer equals the frozen
     one at step 0. It is *not* HF PEFT's ``DeloraConfig`` (Bini et al. 2025), an unrelated
@@ -225,6 +243,7 @@ class DeLoRALinear(AdaptedLinear):
                  *, backend="auto", device=None, dtype=None, _base=None):
         self.rank = _positive_int("rank", rank)
         self.alpha = alpha
+        _warn_useless_sizes("DeLoRALinear", in_features, out_features, rank)
         super().__init__(in_features, out_features, bias=bias, scaling=alpha / rank, dropout=dropout,
                          backend=backend, base=_base, device=device, dtype=dtype)
         kw = self._factor_kwargs()

@@ -20,6 +20,8 @@ def check_structured_delta_args(x, weight, bias, A, B, core, kernel, scaling, dr
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {_shape(weight)}")
     out_features, in_features = weight.shape
+    if in_features < 1 or out_features < 1:
+        raise ValueError(f"weight must have in_features >= 1 and out_features >= 1, got shape {_shape(weight)}")
     if x.shape[-1] != in_features:
         raise ValueError(f"x must have last dimension in_features={in_features}, got shape {_shape(x)}")
     if bias is not None and _shape(bias) != (out_features,):

@@ -17,9 +17,9 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), "csrc")
 CPU_SOURCES = ["register.cpp", "structured_delta_cpu.cpp"]
 CUDA_SOURCES = ["structured_delta_cuda.cu"]
-# Built on the machine that runs it, so tune for its CPU; DCFT_KERNELS_CPU_FLAGS overrides
-# (e.g. "-O3" for a portable build).
-CPU_FLAGS = os.environ.get("DCFT_KERNELS_CPU_FLAGS", "-O3 -march=native").split()
+# Portable by default, like setup.py's build; DCFT_KERNELS_CPU_FLAGS="-O3 -march=native" tunes for
+# this machine's CPU (a build that is then copied to an older CPU dies with an illegal instruction).
+CPU_FLAGS = os.environ.get("DCFT_KERNELS_CPU_FLAGS", "-O3").split()
 
 
 def cuda_build_possible() -> bool:
