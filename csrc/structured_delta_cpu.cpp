@@ -298,8 +298,10 @@ at::Tensor fold_expanded(const at::Tensor& G, int64_t d, int64_t blocks) {
 
 // d = 1 without dropout (LoRA, DeLoRA): shrink and expand are plain rank-r GEMMs, which
 // MKL / oneDNN run faster than any per-token loop. Same results, same saved T.
-bool use_rank_gemms(const c10::optional<at::Tensor>& kernel, double p) {
-  return !kernel.has_value() && p == 0.0;
+// fp32/fp64 only: a 16-bit GEMM would round x·Aᵀ (or x·Wᵀ) before the delta is added, overflowing
+// where the true y does not; the per-token path accumulates in fp32 and rounds once.
+bool use_rank_gemms(const c10::optional<at::Tensor>& kernel, double p, at::ScalarType dtype) {
+  return !kernel.has_value() && p == 0.0 && (dtype == at::kFloat || dtype == at::kDouble);
 }
 
 }  // namespace
@@ -312,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cpu(
   check_common(x_in, weight, A, B);
   const auto x = x_in.contiguous();
   const auto acc = at::toOpMathType(x.scalar_type());
-  if (use_rank_gemms(kernel, p)) {
+  if (use_rank_gemms(kernel, p, x.scalar_type())) {
     auto T = at::mm(x, A.t()).to(acc);  // (N, r)
     auto U = core.has_value() ? at::mm(T, core->to(acc).t()) : T;
     auto y = at::linear(x, weight, bias);
@@ -347,7 +349,7 @@ std::vector<at::Tensor> structured_delta_backward_cpu(
   need_c = need_c && core.has_value();
   need_k = need_k && kernel.has_value();
   auto empty = [&] { return at::empty({0}, x.options()); };
-  if (use_rank_gemms(kernel, p)) {
+  if (use_rank_gemms(kernel, p, x.scalar_type())) {
     const auto dtype = x.scalar_type();
     auto dU = at::mm(grad_y, B).to(T.scalar_type()).mul_(scaling);  // (N, r)
     auto dT = core.has_value() ? at::mm(dU, core->to(T.scalar_type())) : dU;

@@ -262,3 +262,23 @@ def test_zero_in_features_is_a_clear_error():
 def test_sizes_that_cannot_train_warn_with_the_useful_maximum(make, match):
     with pytest.warns(UserWarning, match=match):
         make()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("case", ["x·Wᵀ overflows", "A·x overflows"])
+def test_fp16_accumulates_in_fp32_and_rounds_once(backend, case):
+    """y is finite in fp16 although a partial product is not: the answer is the dense fp16 one."""
+    from conftest import FUSED_BACKENDS
+
+    if backend not in FUSED_BACKENDS:
+        pytest.skip(f"{backend} backend unavailable")
+    h = torch.float16
+    x = torch.tensor([[256.0]], dtype=h)
+    if case == "x·Wᵀ overflows":  # 256·275 = 70,400 > 65,504; 256·(275 − 37.5) = 60,800
+        W, A, B = torch.tensor([[275.0]], dtype=h), torch.tensor([[1.0]], dtype=h), torch.tensor([[-37.5]], dtype=h)
+    else:  # T = 300·256 = 76,800 overflows; y = 0.5·T = 38,400 does not
+        W, A, B = torch.tensor([[0.0]], dtype=h), torch.tensor([[300.0]], dtype=h), torch.tensor([[0.5]], dtype=h)
+    dense = torch.nn.functional.linear(x, W + structured_delta_weight(A, B))
+    assert torch.isfinite(dense).all()
+    y = structured_delta_linear(x, W, None, A, B, backend=backend)
+    assert torch.equal(y, dense), (y, dense)

@@ -40,7 +40,23 @@ def _mix(T, core, kernel):
     return T
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _upcast(*tensors):
+    return [t.float() if t is not None else None for t in tensors]
+
+
 def forward(x, weight, bias, A, B, core, kernel, scaling, p, seed):
+    if x.dtype in _HALF:
+        # Accumulate in fp32 and round once, as a dense F.linear(x, W + ΔW) does: x·Wᵀ or T = A·x
+        # alone may overflow fp16 where y does not.
+        y, T = _forward(*_upcast(x, weight, bias, A, B, core, kernel), scaling, p, seed)
+        return y.to(x.dtype), T
+    return _forward(x, weight, bias, A, B, core, kernel, scaling, p, seed)
+
+
+def _forward(x, weight, bias, A, B, core, kernel, scaling, p, seed):
     d = 1 if kernel is None else kernel.shape[0]
     X = _blocks(_dropped(x, p, seed), A.shape[1], d)
     T = torch.einsum("ri,nid->nrd", A, X).to(_acc(x.dtype))
@@ -52,6 +68,13 @@ def forward(x, weight, bias, A, B, core, kernel, scaling, p, seed):
 
 
 def backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad):
+    if x.dtype in _HALF:  # fp32 accumulation, one rounding (see forward)
+        grads = _backward(*_upcast(grad_y, x, weight, A, B, core, kernel), T, scaling, p, seed, needs_grad)
+        return tuple(g.to(x.dtype) if g is not None else None for g in grads)
+    return _backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad)
+
+
+def _backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad):
     need_x, need_a, need_b, need_c, need_k = needs_grad
     dtype = x.dtype
     d = 1 if kernel is None else kernel.shape[0]
