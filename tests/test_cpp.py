@@ -58,6 +58,7 @@ def test_unavailable_backend_is_a_clear_error(monkeypatch):
 
     autograd.is_available.cache_clear()
     monkeypatch.setattr(autograd, "_load", broken)
+    monkeypatch.setattr(autograd, "STRICT", False)  # the default for users; CI runs strict
     try:
         pb = make_problem((3,), 8, 8, 2, 1)
         with pytest.warns(UserWarning, match="'cpp' is unavailable"):
@@ -129,3 +130,39 @@ def test_cuda_sources_compile_for_sm80_and_sm90_without_warnings(tmp_path):
     ours = [line for line in proc.stderr.splitlines()
             if "warning" in line.lower() and ("structured_delta" in line or "philox" in line)]
     assert not ours, "\n".join(ours)
+
+
+def test_strict_mode_turns_a_broken_backend_into_an_error(monkeypatch):
+    """With DCFT_KERNELS_STRICT=1 (CI) a backend that fails to load cannot hide behind the fallback."""
+    real_load = autograd._load
+
+    def broken(name):
+        if name == "cpp":
+            raise OSError("no compiler")
+        return real_load(name)
+
+    autograd.is_available.cache_clear()
+    monkeypatch.setattr(autograd, "_load", broken)
+    monkeypatch.setattr(autograd, "STRICT", True)
+    try:
+        with pytest.raises(RuntimeError, match="'cpp' failed to load.*no compiler"):
+            autograd.resolve_backend("auto", "cpu")
+    finally:
+        monkeypatch.undo()
+        autograd.is_available.cache_clear()
+
+
+def test_default_build_flags_are_portable(monkeypatch):
+    """-march=native only on request: a build copied to an older CPU must not die of an illegal instruction."""
+    import importlib
+
+    from dcft_kernels.ops import cpp_backend
+
+    monkeypatch.delenv("DCFT_KERNELS_CPU_FLAGS", raising=False)
+    try:
+        assert not any(f.startswith("-march") for f in importlib.reload(cpp_backend).CPU_FLAGS)
+        with open(os.path.join(os.path.dirname(CSRC), "setup.py")) as f:
+            setup_py = f.read()
+        assert '"DCFT_KERNELS_CPU_FLAGS", "-O3")' in setup_py
+    finally:
+        importlib.reload(cpp_backend)

@@ -72,3 +72,20 @@ def test_fused_gemm_path(monkeypatch, d, r, core, p):
     check_against_reference(pb, lambda q: _run(q, dropout=p, seed=4), torch.float32, p=p, seed=4)
     pb16 = make_problem((40,), 70, 50, d, r, core=core, dtype=torch.float16, device=DEVICE)
     check_against_reference(pb16, lambda q: _run(q, dropout=p, seed=4), torch.float16, p=p, seed=4)
+
+
+def test_non_contiguous_core_and_kernel():
+    """Transposed views as core and kernel: same outputs and gradients as contiguous ones."""
+    pb = make_problem((9,), 24, 20, 4, 3, core=True, device=DEVICE)
+    x, W, b, A, B, C, K = (t.detach() for t in pb.args())
+    C_leaf, K_leaf = C.t().contiguous().requires_grad_(), K.t().contiguous().requires_grad_()
+    assert not C_leaf.t().is_contiguous()
+    y = structured_delta_linear(x, W, b, A, B, C_leaf.t(), K_leaf.t(), backend="triton")
+    C2, K2 = C.clone().requires_grad_(), K.clone().requires_grad_()
+    want = structured_delta_linear(x, W, b, A, B, C2, K2, backend="torch")
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    y.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(C_leaf.grad, C2.grad.t(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(K_leaf.grad, K2.grad.t(), rtol=1e-4, atol=1e-4)
