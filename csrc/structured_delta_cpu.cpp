@@ -12,7 +12,6 @@
 // e.g. Aexp[r][k] = A[r][k / d], and the period-d index k % d is handled by accumulating into
 // (or reading from) a lane buffer whose length W is a multiple of d.
 #include "structured_delta.h"
-#include "philox.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
@@ -25,14 +24,58 @@
 namespace dcft_kernels {
 namespace {
 
+constexpr int kPhiloxLanes = 16;
+
+// tl.rand(seed, offset + i) for i < kPhiloxLanes, the same stream as philox.h (CUDA), with the
+// rounds outside and the lanes inside so the compiler vectorises the 32×32→64-bit products.
+// Built for AVX2 and for the baseline, picked at run time (the package is compiled portable).
+__attribute__((target_clones("avx2", "default"))) void philox_uniform_lanes(int64_t seed, int64_t offset,
+                                                                           float* out) {
+  uint32_t c0[kPhiloxLanes], c1[kPhiloxLanes], c2[kPhiloxLanes], c3[kPhiloxLanes];
+  for (int i = 0; i < kPhiloxLanes; ++i) {
+    const uint64_t o = static_cast<uint64_t>(offset + i);
+    c0[i] = static_cast<uint32_t>(o);
+    c1[i] = static_cast<uint32_t>(o >> 32);
+    c2[i] = 0;
+    c3[i] = 0;
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  for (int round = 0; round < 10; ++round) {
+    for (int i = 0; i < kPhiloxLanes; ++i) {
+      const uint64_t a = static_cast<uint64_t>(0xCD9E8D57u) * c2[i];
+      const uint64_t b = static_cast<uint64_t>(0xD2511F53u) * c0[i];
+      const uint32_t n0 = static_cast<uint32_t>(a >> 32) ^ c1[i] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(b >> 32) ^ c3[i] ^ k1;
+      c1[i] = static_cast<uint32_t>(a);
+      c3[i] = static_cast<uint32_t>(b);
+      c0[i] = n0;
+      c2[i] = n2;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int i = 0; i < kPhiloxLanes; ++i) {
+    int32_t v = static_cast<int32_t>(c0[i]);
+    v = v < 0 ? ~v : v;
+    out[i] = static_cast<float>(v) * 4.6566127342e-10f;
+  }
+}
+
 struct Dropout {
   double p = 0.0;
   int64_t seed = 0;
   bool on() const { return p > 0.0; }
-  // The scaled keep-mask value of element `offset` of the flattened (tokens, in) input.
+  // values[k] *= the scaled keep-mask of element offset + k of the flattened input, k < count.
   template <typename acc_t>
-  acc_t mask(int64_t offset) const {
-    return philox_uniform(seed, offset) >= static_cast<float>(p) ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(0);
+  void apply(int64_t offset, int64_t count, acc_t* values) const {
+    const acc_t keep = static_cast<acc_t>(1.0 / (1.0 - p));
+    const float threshold = static_cast<float>(p);
+    float u[kPhiloxLanes];
+    for (int64_t k0 = 0; k0 < count; k0 += kPhiloxLanes) {
+      philox_uniform_lanes(seed, offset + k0, u);
+      const int64_t lanes = std::min<int64_t>(kPhiloxLanes, count - k0);
+      for (int64_t i = 0; i < lanes; ++i) values[k0 + i] *= u[i] >= threshold ? keep : acc_t(0);
+    }
   }
 };
 
@@ -173,8 +216,7 @@ const acc_t* load_row(const scalar_t* base, int64_t n, int64_t F, const Dropout&
     if (!drop.on()) return row;
   }
   for (int64_t k = 0; k < F; ++k) buffer[k] = static_cast<acc_t>(row[k]);
-  if (drop.on())
-    for (int64_t k = 0; k < F; ++k) buffer[k] *= drop.mask<acc_t>(n * F + k);
+  if (drop.on()) drop.apply(n * F, F, buffer);
   return buffer;
 }
 
@@ -273,8 +315,7 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
         if (dx != nullptr) {  // dx = drop'(Aᵀ · dT); the caller adds dy·W with one in-place GEMM
           std::fill(dxrow.begin(), dxrow.end(), acc_t(0));
           expand_row<kW>(dxrow.data(), in, Aexp, R, d, dt.data(), lanes.data());
-          if (drop.on())
-            for (int64_t i = 0; i < in; ++i) dxrow[i] *= drop.mask<acc_t>(n * in + i);
+          if (drop.on()) drop.apply(n * in, in, dxrow.data());
           scalar_t* __restrict__ row = dxp + n * in;
           for (int64_t i = 0; i < in; ++i) row[i] = static_cast<scalar_t>(dxrow[i]);
         }
