@@ -286,6 +286,12 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     """
     config, tensors = _read_adapter(path)
     options, inject = _check_adapter(model, path, config, tensors)
+    _apply_adapter(model, config, tensors, options, inject, config.get("modules_to_save") or [])
+    return model
+
+
+def _apply_adapter(model, config, tensors, options, inject, saved_modules):
+    """After ``_check_adapter``: inject if needed, then copy the factors and the saved modules' tensors."""
     if inject:
         inject_adapters(model, config["method"], target_modules=config["target_modules"],
                         modules_to_save=config.get("modules_to_save") or (), **options)
@@ -293,11 +299,10 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
         for name in config["target_modules"]:
             for key, t in _factor_tensors(model.get_submodule(name)).items():
                 t.copy_(tensors[f"{name}.{key}"])
-        for owner in config.get("modules_to_save") or []:
+        for owner in saved_modules:
             prefix = owner + "."
             model.get_submodule(owner).load_state_dict(
                 {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)})
-    return model
 
 
 def from_pretrained(model_class, path: str, **kwargs) -> nn.Module:
@@ -316,14 +321,9 @@ def from_pretrained(model_class, path: str, **kwargs) -> nn.Module:
                          "before save_pretrained?)")
     del model.config.dcft_kernels_adapter  # inject_adapters records it again
     tensors = _read_pretrained_tensors(path, config)
-    options = {k: config[k] for k in _OPTIONS[config["method"]] if k in config}
-    _check_adapter(model, path, {**config, "modules_to_save": []}, tensors)
-    inject_adapters(model, config["method"], target_modules=config["target_modules"],
-                    modules_to_save=config.get("modules_to_save") or (), **options)
-    with torch.no_grad():
-        for name in config["target_modules"]:
-            for key, t in _factor_tensors(model.get_submodule(name)).items():
-                t.copy_(tensors[f"{name}.{key}"])
+    # The saved modules' tensors are ordinary model weights: transformers has loaded them already.
+    options, inject = _check_adapter(model, path, {**config, "modules_to_save": []}, tensors)
+    _apply_adapter(model, config, tensors, options, inject, saved_modules=[])
     return model
 
 

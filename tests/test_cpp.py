@@ -48,7 +48,9 @@ def test_ops_are_registered_with_torch_library():
     torch.library.opcheck(torch.ops.dcft_kernels.cpp_backward.default, args, test_utils=utils)
 
 
-def test_unavailable_backend_is_a_clear_error(monkeypatch):
+@pytest.fixture
+def broken_cpp(monkeypatch):
+    """The C++ backend fails to load (as with no compiler); availability is re-probed around it."""
     real_load = autograd._load
 
     def broken(name):
@@ -58,17 +60,19 @@ def test_unavailable_backend_is_a_clear_error(monkeypatch):
 
     autograd.is_available.cache_clear()
     monkeypatch.setattr(autograd, "_load", broken)
-    monkeypatch.setattr(autograd, "STRICT", False)  # the default for users; CI runs strict
-    try:
-        pb = make_problem((3,), 8, 8, 2, 1)
-        with pytest.warns(UserWarning, match="'cpp' is unavailable"):
-            with pytest.raises(RuntimeError, match="backend='cpp' was requested but is not available"):
-                structured_delta_linear(*pb.args(), backend="cpp")
-        # "auto" falls back to the torch backend instead of failing.
-        assert autograd.resolve_backend("auto", "cpu") == "torch"
-    finally:
-        monkeypatch.undo()
-        autograd.is_available.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    autograd.is_available.cache_clear()
+
+
+def test_unavailable_backend_is_a_clear_error(broken_cpp):
+    broken_cpp.setattr(autograd, "STRICT", False)  # the default for users; CI runs strict
+    pb = make_problem((3,), 8, 8, 2, 1)
+    with pytest.warns(UserWarning, match="'cpp' is unavailable"):
+        with pytest.raises(RuntimeError, match="backend='cpp' was requested but is not available"):
+            structured_delta_linear(*pb.args(), backend="cpp")
+    # "auto" falls back to the torch backend instead of failing.
+    assert autograd.resolve_backend("auto", "cpu") == "torch"
 
 
 @needs_cpp
@@ -132,24 +136,11 @@ def test_cuda_sources_compile_for_sm80_and_sm90_without_warnings(tmp_path):
     assert not ours, "\n".join(ours)
 
 
-def test_strict_mode_turns_a_broken_backend_into_an_error(monkeypatch):
+def test_strict_mode_turns_a_broken_backend_into_an_error(broken_cpp):
     """With DCFT_KERNELS_STRICT=1 (CI) a backend that fails to load cannot hide behind the fallback."""
-    real_load = autograd._load
-
-    def broken(name):
-        if name == "cpp":
-            raise OSError("no compiler")
-        return real_load(name)
-
-    autograd.is_available.cache_clear()
-    monkeypatch.setattr(autograd, "_load", broken)
-    monkeypatch.setattr(autograd, "STRICT", True)
-    try:
-        with pytest.raises(RuntimeError, match="'cpp' failed to load.*no compiler"):
-            autograd.resolve_backend("auto", "cpu")
-    finally:
-        monkeypatch.undo()
-        autograd.is_available.cache_clear()
+    broken_cpp.setattr(autograd, "STRICT", True)
+    with pytest.raises(RuntimeError, match="'cpp' failed to load.*no compiler"):
+        autograd.resolve_backend("auto", "cpu")
 
 
 def test_default_build_flags_are_portable(monkeypatch):
