@@ -154,7 +154,7 @@ def triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     scaling: float, p: float, seed: int, need_x: bool, need_a: bool, need_b: bool,
                     need_c: bool, need_k: bool) -> list[torch.Tensor]:
     """Returns ``[dx, flat]``: ``flat`` holds dA, dB, dC, dK (those needed) end to end, in x's dtype."""
-    N, n_feat = x.shape
+    N = x.shape[0]
     r, n_in = A.shape
     n_out = B.shape[0]
     d = 1 if kernel is None else kernel.shape[0]
@@ -171,7 +171,7 @@ def triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     ws_a, ws_b, ws_c, ws_k = torch.split(ws, [s_a * sizes[0], s_b * sizes[1], GRAM_SLOTS * sizes[2],
                                               GRAM_SLOTS * sizes[3]])
     count = torch.empty(1, device=x.device, dtype=torch.int32)  # programs of the shrink: rows of dC/dK partials
-    dummy = ws if ws.numel() else flat
+    unused = ws if ws.numel() else flat  # for pointer arguments a kernel variant never reads
 
     dt = None
     if need_x or need_a or need_c or need_k:
@@ -181,7 +181,7 @@ def triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             (lambda meta: (n_blocks(meta),))
         wrap_triton(tk.shrink_kernel)[grid](
             grad_y, B.T, core if has_c else dt, kernel if has_k else dt, dt, dt, t,
-            ws_c if need_c else dummy, ws_k if need_k else dummy, count,
+            ws_c if need_c else unused, ws_k if need_k else unused, count,
             N, grad_y.shape[1], rd, seed, 0.0, scaling,
             grad_y.stride(0), grad_y.stride(1), B.stride(1), B.stride(0),
             **shrink_meta(d, r, grad_y.dtype, has_c=has_c, has_k=has_k, backward=True, dropout=False,

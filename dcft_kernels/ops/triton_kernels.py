@@ -118,12 +118,16 @@ def fits(kernel: str, cfg: dict, meta: dict, in_bytes: int, limit: int) -> bool:
     dropout = meta.get("DROPOUT", False)
     wide = in_bytes // 2  # 1 for fp16/bf16, 2 for fp32
     if kernel == "gemm":  # the dropout mask is drawn over the whole accumulator tile
-        return acc <= (16 if dropout else 128) // wide ** 3
+        per_warp_count = 128 if cfg["num_warps"] >= 8 else 32
+        return acc <= (16 if dropout else per_warp_count) // wide ** 3
     if kernel == "factor_grad" and cfg["BLOCK_B"] * meta["D_POW2"] > 128:
         return False  # the block sums of wide tiles cost more than they save
+    gram = meta.get("NEED_DC") or meta.get("NEED_DK")
     epilogue = (meta.get("WRITE_U") or meta.get("TRANSPOSE") or meta.get("MIX")) and meta.get("BLOCK_C", 16) >= 32
-    acc_limit = 32 if dropout and kernel == "expand" else 16 // (wide * wide) if epilogue else 64 // wide
-    loaded_limit = 8 if wide == 2 else 16 if dropout else 64
+    acc_limit = 32 if kernel == "expand" else 16 // (wide * wide) if epilogue else 64 // wide
+    if wide == 2 and dropout and kernel == "shrink" and cfg["num_warps"] > 4:
+        return False  # fp32 Philox tiles over 8 warps spill on sm_80 (the compile check shows it)
+    loaded_limit = 8 if wide == 2 else 8 if gram else 16 if dropout else 64
     return loaded <= loaded_limit and acc <= acc_limit
 
 
