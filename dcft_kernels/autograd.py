@@ -79,7 +79,9 @@ class StructuredDeltaLinearFunction(torch.autograd.Function):
         # x itself, not its 2-D view: a non-contiguous x would be copied by reshape.
         ctx.save_for_backward(x, weight, A, B, core, kernel, T)
         ctx.scaling, ctx.p, ctx.seed, ctx.backend = scaling, p, seed, backend
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        # Not a view of y (without copying it): FSDP2 and in-place residual adds need a plain output,
+        # as nn.Linear gives. detach() makes an alias that autograd does not track as a view.
+        return y.reshape(*x.shape[:-1], weight.shape[0]).detach()
 
     @staticmethod
     def backward(ctx, grad_y):

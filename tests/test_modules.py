@@ -194,3 +194,16 @@ def test_autocast_runs_in_low_precision_with_fp32_parameters(kind, backend):
     assert params and all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
     want = F.linear(x, m.weight + _reference_delta(m), m.bias)
     torch.testing.assert_close(y.float(), want.detach(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("cls", [DCFTLinear, LoRALinear, DeLoRALinear])
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 1, 3)])
+def test_output_is_not_a_view(backend, cls, lead):
+    """Like nn.Linear: FSDP2 warns on view outputs, and an in-place add into one would skip its hooks."""
+    kwargs = {"kernel_size": 4} if cls is DCFTLinear else {}
+    layer = cls(16, 8, backend=backend, **kwargs)
+    y = layer(torch.randn(*lead, 16, requires_grad=True))
+    assert not y._is_view() and y.shape == (*lead, 8)
+    (y * 2).sum().backward()
+    assert layer.trainable_parameters and all(p.grad is not None for p in layer.parameters() if p.requires_grad)
