@@ -30,8 +30,9 @@ def _warn_useless_sizes(layer: str, in_features, out_features, rank, d=1):
     if not all(isinstance(v, int) and v > 0 for v in (in_features, out_features, rank, d)):
         return  # invalid sizes get their ValueError from the constructor
     if d > min(in_features, out_features):
-        warnings.warn(f"{layer}: kernel_size={d} exceeds min(in_features, out_features)={min(in_features, out_features)}"
-                      f"; the kernel's entries beyond it are cropped away and never train", stacklevel=3)
+        smallest = min(in_features, out_features)
+        warnings.warn(f"{layer}: kernel_size={d} exceeds min(in_features, out_features)={smallest}; the kernel's "
+                      "entries beyond it are cropped away and never train", stacklevel=3)
     most = min(-(-in_features // d), -(-out_features // d))
     if rank > most:
         warnings.warn(f"{layer}: rank={rank} exceeds the largest useful rank {most} (min(⌈in/d⌉, ⌈out/d⌉) for "

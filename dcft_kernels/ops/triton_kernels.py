@@ -103,7 +103,8 @@ def _elements_per_thread(kernel: str, cfg: dict, meta: dict) -> tuple[int, int]:
         width = cfg["BLOCK_B"] * meta["D_POW2"]
         return cfg["BLOCK_N"] * width // threads, c * width // threads
     if kernel == "gemm":
-        return max(cfg["BLOCK_M"], cfg["BLOCK_N"]) * cfg["BLOCK_K"] // threads, cfg["BLOCK_M"] * cfg["BLOCK_N"] // threads
+        loaded = max(cfg["BLOCK_M"], cfg["BLOCK_N"]) * cfg["BLOCK_K"]
+        return loaded // threads, cfg["BLOCK_M"] * cfg["BLOCK_N"] // threads
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
@@ -309,7 +310,8 @@ def shrink_kernel(
                  mask=(rr[:, None] < n_r) & (rr[None, :] < n_r))
     if NEED_DK:
         dd = tl.arange(0, BLOCK_D)
-        tl.store(dk_ptr + pid * D * D + dd[:, None] * D + dd[None, :], gram_k, mask=(dd[:, None] < D) & (dd[None, :] < D))
+        tl.store(dk_ptr + pid * D * D + dd[:, None] * D + dd[None, :], gram_k,
+                 mask=(dd[:, None] < D) & (dd[None, :] < D))
     if NEED_DC or NEED_DK:
         if pid == 0:
             tl.store(count_ptr, programs)
