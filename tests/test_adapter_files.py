@@ -43,6 +43,14 @@ def assert_unchanged(model, snap):
     assert {n: type(m) for n, m in model.named_modules()} == types
 
 
+def assert_refused(model, load, match, error=ValueError):
+    """``load()`` raises ``error`` matching ``match`` and leaves ``model`` exactly as it was."""
+    snap = snapshot(model)
+    with pytest.raises(error, match=match):
+        load()
+    assert_unchanged(model, snap)
+
+
 def saved(tmp_path, method="dcft", **options):
     model = tiny_bert()
     inject_adapters(model, method, target_modules=TARGETS, modules_to_save=["classifier"], **options)
@@ -61,20 +69,14 @@ def test_option_mismatch_with_an_injected_model_is_refused(tmp_path, file_option
     _, path = saved(tmp_path, **file_options)
     model = inject_adapters(tiny_bert(), "dcft", target_modules=TARGETS, modules_to_save=["classifier"],
                             **model_options)
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=match):
-        load_adapter(model, path)
-    assert_unchanged(model, snap)
+    assert_refused(model, lambda: load_adapter(model, path), match)
 
 
 def test_lora_alpha_mismatch_is_refused(tmp_path):
     _, path = saved(tmp_path, "lora", rank=2, alpha=16)
     model = inject_adapters(tiny_bert(), "lora", target_modules=TARGETS, modules_to_save=["classifier"], rank=2,
                             alpha=8)
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match="alpha=8.*16"):
-        load_adapter(model, path)
-    assert_unchanged(model, snap)
+    assert_refused(model, lambda: load_adapter(model, path), "alpha=8.*16")
 
 
 @pytest.mark.parametrize("drop", ["kernel", "A", "B", "classifier.bias"])
@@ -87,10 +89,7 @@ def test_missing_tensor_is_refused(tmp_path, drop):
     save_file(tensors, weights)
     for fresh in (tiny_bert(), inject_adapters(tiny_bert(), "dcft", target_modules=TARGETS,
                                                 modules_to_save=["classifier"])):
-        snap = snapshot(fresh)
-        with pytest.raises(ValueError, match="missing tensor"):
-            load_adapter(fresh, path)
-        assert_unchanged(fresh, snap)
+        assert_refused(fresh, lambda fresh=fresh: load_adapter(fresh, path), "missing tensor")
 
 
 def test_extra_tensor_is_refused_before_anything_changes(tmp_path):
@@ -101,28 +100,20 @@ def test_extra_tensor_is_refused_before_anything_changes(tmp_path):
     tensors[f"{first}.core"] = torch.zeros(1, 1)
     save_file(tensors, weights)
     model = tiny_bert()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match="belongs to no adapter"):
-        load_adapter(model, path)
-    assert_unchanged(model, snap)  # not injected, nothing frozen
+    # not injected, nothing frozen
+    assert_refused(model, lambda: load_adapter(model, path), "belongs to no adapter")
 
 
 def test_dtype_mismatch_is_refused(tmp_path):
     _, path = saved(tmp_path)
     model = tiny_bert().to(torch.float64)
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match="dtype"):
-        load_adapter(model, path)
-    assert_unchanged(model, snap)
+    assert_refused(model, lambda: load_adapter(model, path), "dtype")
 
 
 def test_loading_into_a_merged_model_is_refused(tmp_path):
     model, path = saved(tmp_path)
     merge_adapters(model, unload=False)
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match="merged"):
-        load_adapter(model, path)
-    assert_unchanged(model, snap)
+    assert_refused(model, lambda: load_adapter(model, path), "merged")
 
 
 def test_round_trip_is_exact_into_an_injected_model(tmp_path):
@@ -172,10 +163,7 @@ def test_broken_files_are_named_in_a_clear_error(tmp_path, broken):
         os.remove(weights)
         error, match = FileNotFoundError, "not an adapter saved by save_adapter"
     model = tiny_bert()
-    snap = snapshot(model)
-    with pytest.raises(error, match=match):
-        load_adapter(model, path)
-    assert_unchanged(model, snap)
+    assert_refused(model, lambda: load_adapter(model, path), match, error=error)
 
 
 def test_transformers_save_pretrained_round_trips_through_from_pretrained(tmp_path):
@@ -234,10 +222,7 @@ def test_peft_rslora_and_modules_to_save_survive_save_and_load(tmp_path):
 ])
 def test_inject_with_a_bad_option_changes_nothing(options, match):
     model = tiny_bert()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=match):
-        inject_adapters(model, "dcft", target_modules=TARGETS, **options)
-    assert_unchanged(model, snap)
+    assert_refused(model, lambda: inject_adapters(model, "dcft", target_modules=TARGETS, **options), match)
 
 
 # ---- the op ----------------------------------------------------------------------------------------
