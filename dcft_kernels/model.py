@@ -105,9 +105,15 @@ def _validate_options(method: str, options: dict) -> None:
     unknown = set(options) - set(_OPTIONS[method])
     if unknown:
         raise TypeError(f"{method} adapters take {list(_OPTIONS[method])}, got unexpected {sorted(unknown)}")
+    _meta_adapter(method, 16, 16, options)
+
+
+def _meta_adapter(method: str, in_features: int, out_features: int, options: dict) -> AdaptedLinear:
+    """A throwaway adapter on the 'meta' device: validates ``options`` and tells the factor shapes,
+    with no memory and no model touched. Its size warnings are left to the real layers."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # warnings about sizes belong to the real layers
-        METHODS[method](16, 16, device="meta", **options)
+        warnings.simplefilter("ignore")
+        return METHODS[method](in_features, out_features, device="meta", **options)
 
 
 def count_trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -268,9 +274,7 @@ def _get(model, name, path):
 
 def _factor_shapes(method, linear: nn.Linear, options) -> dict[str, tuple]:
     """The factor shapes an adapter of ``method`` with ``options`` would get on ``linear``."""
-    cls = METHODS[method]
-    meta = cls.from_linear(nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta"),
-                           **options)
+    meta = _meta_adapter(method, linear.in_features, linear.out_features, options)
     return {key: tuple(t.shape) for key, t in _factor_tensors(meta).items()}
 
 

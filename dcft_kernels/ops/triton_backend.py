@@ -102,18 +102,16 @@ def _splits(n_tokens: int) -> int:
     return max(1, min(MAX_SPLITS, triton.cdiv(n_tokens, TOKENS_PER_SPLIT)))
 
 
-def _factor_grad(out, L, R, core, kernel, d, r, *, mix, scale=1.0, p=0.0, seed=0, transposed_out=False):
-    """Partial sums (splits, r, ⌈F/d⌉) -- or (splits, ⌈F/d⌉, r) with ``transposed_out`` -- into ``out``."""
+def _factor_grad(out, L, R, core, kernel, d, r, *, mix, scale=1.0, p=0.0, seed=0):
+    """Partial sums into ``out`` (splits, r, ⌈F/d⌉), which may be a strided view (dB's transpose)."""
     N, F = R.shape
     n_blocks = triton.cdiv(F, d)
     splits = out.shape[0]
-    s_split, s_a, s_b = out.stride(0), (out.stride(2) if transposed_out else out.stride(1)), \
-        (out.stride(1) if transposed_out else out.stride(2))
     grid = lambda meta: (triton.cdiv(n_blocks, meta["BLOCK_B"]), splits)  # noqa: E731
     wrap_triton(tk.factor_grad_kernel)[grid](
         L, R, core if core is not None else L, kernel if kernel is not None else L, out,
         N, F, L.shape[1], n_blocks, seed, p, scale, triton.cdiv(N, splits),
-        R.stride(0), R.stride(1), s_split, s_a, s_b,
+        R.stride(0), R.stride(1), out.stride(0), out.stride(1), out.stride(2),
         **factor_grad_meta(d, r, R.dtype, has_c=core is not None, has_k=kernel is not None, mix=mix,
                            dropout=p > 0.0))
 
@@ -194,8 +192,8 @@ def triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     if need_a:
         _factor_grad(ws_a.view(splits, r, n_in), dt, x, None, None, d, r, mix=False, p=p, seed=seed)
     if need_b:
-        _factor_grad(ws_b.view(splits, n_out, r), t, grad_y, core, kernel, d, r, mix=has_c or has_k,
-                     scale=scaling, transposed_out=True)
+        _factor_grad(ws_b.view(splits, n_out, r).transpose(1, 2), t, grad_y, core, kernel, d, r,
+                     mix=has_c or has_k, scale=scaling)
     if flat.numel():
         block = 256
         wrap_triton(tk.sum_partials_kernel)[(triton.cdiv(flat.numel(), block),)](
