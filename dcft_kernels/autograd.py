@@ -79,8 +79,9 @@ class StructuredDeltaLinearFunction(torch.autograd.Function):
         # x itself, not its 2-D view: a non-contiguous x would be copied by reshape.
         ctx.save_for_backward(x, weight, A, B, core, kernel, T)
         ctx.scaling, ctx.p, ctx.seed, ctx.backend = scaling, p, seed, backend
-        # Not a view of y (without copying it): FSDP2 and in-place residual adds need a plain output,
-        # as nn.Linear gives. detach() makes an alias that autograd does not track as a view.
+        # Not a view of y (without copying it), for any leading dims: FSDP2 and in-place residual adds
+        # need a plain output (nn.Linear itself returns a view for 3-D inputs). detach() makes an
+        # alias that autograd does not track as a view.
         return y.reshape(*x.shape[:-1], weight.shape[0]).detach()
 
     @staticmethod

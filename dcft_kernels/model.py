@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .distributed import full, writes_files
 from .modules import AdaptedLinear, DCFTLinear, DeLoRALinear, LoRALinear
 
 METHODS = {"dcft": DCFTLinear, "lora": LoRALinear, "delora": DeLoRALinear}
@@ -71,6 +72,13 @@ def inject_adapters(model: nn.Module, method: str = "dcft", target_modules=("que
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     _validate_options(method, config)
+    existing = getattr(model, _CONFIG_ATTR, None)
+    if existing is not None:
+        # One adapter config per model: a second call would overwrite the first's record and
+        # leave save_adapter writing a file that load_adapter cannot read back.
+        raise ValueError(f"model already has {existing['method']!r} adapters on {len(existing['target_modules'])} "
+                         "modules; inject_adapters adds one adapter set per model (build mixed models from the "
+                         "module classes' from_linear)")
     if isinstance(target_modules, str):
         re.compile(target_modules)  # a bad regex fails here, before the model changes
     names = [n for n, _ in model.named_modules() if n and _matches(n, target_modules)]
@@ -150,6 +158,10 @@ def _factor_tensors(module: AdaptedLinear) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, path: str) -> None:
     """Write the adapter of ``model`` to directory ``path`` (safetensors + JSON config).
 
+    Under ``torch.distributed`` only rank 0 writes. A model sharded with FSDP2's ``fully_shard``
+    is gathered to full tensors first, which is a collective: call ``save_adapter`` on every rank
+    (the file equals the unsharded model's). With DDP, calling it on rank 0 alone is enough.
+
     Atomic: both files are written to a temporary directory beside ``path``, which then replaces
     ``path``; a failure at any point leaves a previous adapter at ``path`` (or, if the process dies
     between the two renames, in ``path`` + ``.old``) and never a half-written one.
@@ -161,10 +173,12 @@ def save_adapter(model: nn.Module, path: str) -> None:
         raise ValueError("unmerge the adapters before saving them")
     from . import __version__
 
+    tensors = {k: full(t.detach()).contiguous().cpu() for k, t in _adapter_tensors(model).items()}
+    if not writes_files():
+        return
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tensors = {k: t.detach().contiguous().cpu() for k, t in _adapter_tensors(model).items()}
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         save_file(tensors, os.path.join(staging, WEIGHTS_NAME))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .distributed import full
+
 
 def _frobenius(m: torch.Tensor, squared: bool) -> torch.Tensor:
     norm = torch.linalg.matrix_norm(m)
@@ -53,14 +55,14 @@ def orthogonality_loss(model: nn.Module, squared: bool = True, reduction: str = 
 
     ``kind="orthogonal"`` (DCFT Eq. 4 / MPC_o) or ``"mpc_d"``. The DCFT authors train with
     ``0.1 * orthogonality_loss(model, squared=False, reduction="mean")`` (0.3 on RTE/STS-B);
-    the kernel is never regularised.
+    the kernel is never regularised. Under FSDP2 every rank calls it (sharded factors are gathered).
     """
     penalty = {"orthogonal": orthogonality_penalty, "mpc_d": mpc_d_penalty}.get(kind)
     if penalty is None:
         raise ValueError(f"kind must be 'orthogonal' or 'mpc_d', got {kind!r}")
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    terms = [penalty(m.A, m.B, squared) for m in _trainable_factor_modules(model)]
+    terms = [penalty(full(m.A), full(m.B), squared) for m in _trainable_factor_modules(model)]
     if not terms:
         raise ValueError("model has no adapter with trainable A and B to regularise")
     total = torch.stack(terms).sum()

@@ -1,19 +1,13 @@
 """DistributedDataParallel: 2 CPU processes (gloo) give the adapter gradients of one process
 training on the same global batch."""
-import datetime
-import os
-import time
-
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from dcft_kernels import inject_adapters
 
-WORLD = 2
+from distributed_helpers import WORLD, init_gloo, requires_gloo, spawn
 
 
 def _model():
@@ -33,11 +27,7 @@ def _trainable_grads(model):
 
 
 def _worker(rank, store_path, out_path):
-    # Rendezvous through a file and traffic over loopback only: no ports to race for, no
-    # hostname lookups that a sandboxed machine may not answer.
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, store_path)
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model)
     x, y = _data()
@@ -52,16 +42,10 @@ def _worker(rank, store_path, out_path):
     dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch without gloo")
+@requires_gloo
 def test_ddp_gradients_match_single_process(tmp_path):
     out_path = str(tmp_path / "grads.pt")
-    context = mp.spawn(_worker, args=(str(tmp_path / "store"), out_path), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("DDP workers did not finish within 180 s")
+    spawn(_worker, (str(tmp_path / "store"), out_path))
     ddp_grads = torch.load(out_path)
 
     model = _model()
