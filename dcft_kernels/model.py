@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .distributed import full, writes_files
-from .modules import AdaptedLinear, DCFTLinear, DeLoRALinear, LoRALinear
+from .modules import AdaptedLinear, DCFTLinear, DeLoRALinear, LoRALinear, linear_dims
 
 METHODS = {"dcft": DCFTLinear, "lora": LoRALinear, "delora": DeLoRALinear}
 CONFIG_NAME = "adapter_config.json"
@@ -53,15 +53,46 @@ def _method_of(module: AdaptedLinear) -> str:
     return next(k for k, cls in METHODS.items() if type(module) is cls)
 
 
-def inject_adapters(model: nn.Module, method: str = "dcft", target_modules=("query", "key", "value"),
-                    modules_to_save=(), **config) -> nn.Module:
-    """Replace the ``nn.Linear`` modules named by ``target_modules`` with adapted ones, in place.
+def _default_targets(model: nn.Module):
+    """PEFT's per-architecture LoRA targets for a transformers model (None when unknown)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+    except ImportError:
+        return None
+    return mapping.get(model_type)
+
+
+def _target_names(model: nn.Module, target_modules, modules_to_save) -> list[str]:
+    if target_modules is None:
+        target_modules = _default_targets(model)
+        if target_modules is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            raise ValueError(f"target_modules not given and no default is known for {type(model).__name__} "
+                             f"(model_type={model_type!r}; the defaults come from PEFT's mapping when peft is "
+                             "installed); pass module names, a regex or 'all-linear'")
+    if target_modules == "all-linear":
+        # As PEFT: every linear layer but the output layer (and the modules trained whole).
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [n for n, m in model.named_modules() if n and linear_dims(m) is not None and m is not output
+                and not (modules_to_save and _matches(n, modules_to_save))]
+    if isinstance(target_modules, str):
+        re.compile(target_modules)  # a bad regex fails here, before the model changes
+    return [n for n, _ in model.named_modules() if n and _matches(n, target_modules)]
+
+
+def inject_adapters(model: nn.Module, method: str = "dcft", target_modules=None, modules_to_save=(),
+                    **config) -> nn.Module:
+    """Replace the linear modules named by ``target_modules`` with adapted ones, in place.
 
     Args:
         model: any ``nn.Module`` (a Hugging Face model included).
         method: ``"dcft"``, ``"lora"`` or ``"delora"``.
-        target_modules: a list of module names or name suffixes (``["query", "value"]``), or a
-            regex string that must match the whole module name.
+        target_modules: a list of module names or name suffixes (``["query", "value"]``), a
+            regex string that must match the whole module name, ``"all-linear"`` (every
+            ``nn.Linear`` / ``Conv1D`` but the output layer), or None (default): the
+            architecture's usual targets, from PEFT's mapping for transformers models
+            (``["query", "value"]`` for BERT, ``["c_attn"]`` for GPT-2, ...).
         modules_to_save: names or suffixes of other modules (a classifier head, say) that stay
             trainable and are saved with the adapter.
         **config: options of the adapter class (``kernel_size``, ``rank``, ``alpha``, ``dropout``,
@@ -79,15 +110,14 @@ def inject_adapters(model: nn.Module, method: str = "dcft", target_modules=("que
         raise ValueError(f"model already has {existing['method']!r} adapters on {len(existing['target_modules'])} "
                          "modules; inject_adapters adds one adapter set per model (build mixed models from the "
                          "module classes' from_linear)")
-    if isinstance(target_modules, str):
-        re.compile(target_modules)  # a bad regex fails here, before the model changes
-    names = [n for n, _ in model.named_modules() if n and _matches(n, target_modules)]
+    names = _target_names(model, target_modules, modules_to_save)
     if not names:
         raise ValueError(f"target_modules={target_modules!r} matched no module of {type(model).__name__}")
     for name in names:
         module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear) or isinstance(module, AdaptedLinear):
-            raise TypeError(f"target module {name!r} is a {type(module).__name__}; only nn.Linear can be adapted")
+        if linear_dims(module) is None:
+            raise TypeError(f"target module {name!r} is a {type(module).__name__}; only nn.Linear and "
+                            "transformers' Conv1D can be adapted")
     saved = [n for n, _ in model.named_modules() if n and modules_to_save and _matches(n, modules_to_save)]
     if modules_to_save and not saved:
         raise ValueError(f"modules_to_save={modules_to_save!r} matched no module")
@@ -252,13 +282,14 @@ def _check_adapter(model: nn.Module, path: str, config: dict, tensors: dict[str,
                                      f"{options[opt]!r}")
             for key, t in _factor_tensors(module).items():
                 expected[f"{name}.{key}"] = (tuple(t.shape), t.dtype)
-        elif isinstance(module, nn.Linear):
+        elif linear_dims(module) is not None:
             if not inject:
-                raise ValueError(f"{path}: module {name!r} is a plain nn.Linear in a model injected with adapters")
+                raise ValueError(f"{path}: module {name!r} is a plain {type(module).__name__} in a model injected "
+                                 "with adapters")
             for key, shape in _factor_shapes(method, module, options).items():
                 expected[f"{name}.{key}"] = (shape, module.weight.dtype)
         else:
-            raise ValueError(f"{path}: module {name!r} is a {type(module).__name__}, not an nn.Linear")
+            raise ValueError(f"{path}: module {name!r} is a {type(module).__name__}, not an nn.Linear or Conv1D")
     for name in config.get("modules_to_save") or []:
         for key, t in _get(model, name, path).state_dict().items():
             expected[f"{name}.{key}"] = (tuple(t.shape), t.dtype)
@@ -286,9 +317,10 @@ def _get(model, name, path):
         raise ValueError(f"{path}: the model has no module {name!r}") from None
 
 
-def _factor_shapes(method, linear: nn.Linear, options) -> dict[str, tuple]:
+def _factor_shapes(method, linear: nn.Module, options) -> dict[str, tuple]:
     """The factor shapes an adapter of ``method`` with ``options`` would get on ``linear``."""
-    meta = _meta_adapter(method, linear.in_features, linear.out_features, options)
+    in_features, out_features, _ = linear_dims(linear)
+    meta = _meta_adapter(method, in_features, out_features, options)
     return {key: tuple(t.shape) for key, t in _factor_tensors(meta).items()}
 
 
@@ -374,7 +406,7 @@ def _read_pretrained_tensors(path: str, config: dict) -> dict[str, torch.Tensor]
 def merge_adapters(model: nn.Module, unload: bool = True) -> nn.Module:
     """Add every ΔW into its frozen weight.
 
-    ``unload=True`` (default) puts plain ``nn.Linear`` modules back in place: inference then costs
+    ``unload=True`` (default) puts plain ``nn.Linear`` (or ``Conv1D``) modules back: inference then costs
     exactly the original model. ``unload=False`` keeps the adapter modules, merged, so that
     ``unmerge_adapters`` can undo it. Returns ``model``.
     """
@@ -385,7 +417,13 @@ def merge_adapters(model: nn.Module, unload: bool = True) -> nn.Module:
         if not module.merged:
             module.merge()
         if unload:
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            if module.weight_is_in_by_out:
+                from transformers.pytorch_utils import Conv1D
+
+                linear = Conv1D(module.out_features, module.in_features)
+            else:
+                linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                   device="meta")
             linear.weight, linear.bias = module.weight, module.bias
             _set_submodule(model, name, linear)
     if unload and hasattr(model, _CONFIG_ATTR):

@@ -3,12 +3,14 @@
 The modules hold parameters and configuration only; the math lives in
 ``functional.structured_delta_linear``. Each keeps ``nn.Linear``'s ``weight``,
 ``bias``, ``in_features`` and ``out_features`` (frozen), adds a small trained
-delta, and can be built fresh or from an existing ``nn.Linear`` whose weight it
+delta, and can be built fresh or from an existing ``nn.Linear`` (or GPT-2's
+``transformers.Conv1D``, whose weight is stored ``in × out``) whose weight it
 shares (not copies).
 """
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import torch
@@ -17,6 +19,17 @@ from torch import nn
 
 from .autograd import BACKENDS
 from .functional import structured_delta_linear, structured_delta_weight
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
+    """``(in_features, out_features, weight_is_in_by_out)`` of an ``nn.Linear`` or a transformers
+    ``Conv1D`` (GPT-2's linear, weight stored ``in × out``); None for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    transformers_utils = sys.modules.get("transformers.pytorch_utils")  # a Conv1D exists only once imported
+    if transformers_utils is not None and isinstance(module, transformers_utils.Conv1D):
+        return module.weight.shape[0], module.weight.shape[1], True
+    return None
 
 
 def _positive_int(name, value):
@@ -57,8 +70,11 @@ class AdaptedLinear(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if base is None:
             base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        elif not isinstance(base, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(base).__name__}")
+        dims = linear_dims(base)
+        if dims is None:
+            raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+        # Conv1D keeps its weight `in × out`; the op reads it through a transposed view, never a copy.
+        self.weight_is_in_by_out = dims[2]
         # Shared with `base`, not copied: merging writes through to the original layer.
         self.weight = base.weight
         self.bias = base.bias
@@ -70,6 +86,10 @@ class AdaptedLinear(nn.Module):
         self.backend = backend
         self.merged = False
 
+    def weight_out_in(self) -> torch.Tensor:
+        """The frozen weight as ``out × in`` (a transposed view for a Conv1D base, no copy)."""
+        return self.weight.t() if self.weight_is_in_by_out else self.weight
+
     def _factor_kwargs(self):
         return {"device": self.weight.device, "dtype": self.weight.dtype}
 
@@ -79,10 +99,10 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight_out_in(), self.bias)
         A, B, core, kernel = self._factors()
         return structured_delta_linear(
-            x, self.weight, self.bias, A, B, core, kernel,
+            x, self.weight_out_in(), self.bias, A, B, core, kernel,
             scaling=self.scaling, dropout=self.dropout if self.training else 0.0, backend=self.backend,
         )
 
@@ -97,7 +117,7 @@ class AdaptedLinear(nn.Module):
         if self.merged:
             warnings.warn("merge(): adapter is already merged; nothing done", stacklevel=2)
             return
-        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        self.weight_out_in().add_(self.delta_weight().to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -106,7 +126,7 @@ class AdaptedLinear(nn.Module):
         if not self.merged:
             warnings.warn("unmerge(): adapter is not merged; nothing done", stacklevel=2)
             return
-        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+        self.weight_out_in().sub_(self.delta_weight().to(self.weight.dtype))
         self.merged = False
 
     @property
@@ -118,22 +138,24 @@ class AdaptedLinear(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
+        layout = ", weight_is_in_by_out=True" if self.weight_is_in_by_out else ""
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{layout}, "
             f"{self._adapter_repr()}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
             f"backend={self.backend!r}, merged={self.merged}"
         )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **config):
-        """Wrap an existing ``nn.Linear``, sharing (not copying) its weight and bias.
+    def from_linear(cls, linear: nn.Module, **config):
+        """Wrap an existing ``nn.Linear`` or transformers ``Conv1D``, sharing (not copying) its weight and bias.
 
         The shared weight and bias are frozen (``requires_grad=False``) in place.
         ``config`` takes the same keywords as the constructor.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        return cls(linear.in_features, linear.out_features, bias=linear.bias is not None, _base=linear, **config)
+        dims = linear_dims(linear)
+        if dims is None:
+            raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+        return cls(dims[0], dims[1], bias=linear.bias is not None, _base=linear, **config)
 
 
 class DCFTLinear(AdaptedLinear):

@@ -1,4 +1,6 @@
 """Whole-model use on a small transformers model built from a config (no download)."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from dcft_kernels import (
     save_adapter,
     unmerge_adapters,
 )
+from dcft_kernels.autograd import is_available
 
 transformers = pytest.importorskip("transformers")
 TARGETS = ["query", "key", "value", "dense"]
@@ -218,3 +221,53 @@ def test_torch_compile_fullgraph_with_dropout(backend):
         torch.testing.assert_close(y, want)
     y1.sum().backward()
     assert layer.A.grad is not None and layer.kernel.grad is not None
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "reference"])
+def test_gpt2_conv1d_adapted_in_place_without_copy(backend, tmp_path):
+    """GPT-2's Conv1D (weight stored in × out): the default targets (c_attn, from PEFT's mapping)
+    are adapted reading the weight through a view; outputs equal the dense W + ΔWᵀ model."""
+    if backend == "cpp" and not is_available("cpp"):
+        pytest.skip("C++ extension not built")
+    pytest.importorskip("peft")
+    model = _tiny_gpt2()
+    dense = copy.deepcopy(model)
+    weights = [model.transformer.h[i].attn.c_attn.weight for i in range(2)]
+    inject_adapters(model, "dcft", kernel_size=4, rank=2, init="paper", backend=backend)
+    assert model.dcft_kernels_config["target_modules"] == [f"transformer.h.{i}.attn.c_attn" for i in range(2)]
+    for i in range(2):
+        layer = model.transformer.h[i].attn.c_attn
+        assert layer.weight is weights[i] and layer.weight_is_in_by_out
+        assert (layer.in_features, layer.out_features) == (32, 96)
+        with torch.no_grad():
+            dense.transformer.h[i].attn.c_attn.weight += layer.delta_weight().T
+    ids = torch.randint(0, 64, (2, 7))
+    torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+    save_adapter(model, str(tmp_path))
+    reloaded = load_adapter(_tiny_gpt2(), str(tmp_path))
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    merge_adapters(model)
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_all_linear_targets_skip_the_output_layer():
+    model = inject_adapters(_tiny_gpt2(), "lora", target_modules="all-linear", rank=2)
+    names = model.dcft_kernels_config["target_modules"]
+    assert len(names) == 2 * 4 and "lm_head" not in names  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+    plain = inject_adapters(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), "lora",
+                            target_modules="all-linear", modules_to_save=["2"], rank=1)
+    assert plain.dcft_kernels_config["target_modules"] == ["0"]
+
+
+def test_no_default_targets_for_an_unknown_model():
+    with pytest.raises(ValueError, match="target_modules not given"):
+        inject_adapters(nn.Sequential(nn.Linear(4, 4)), "dcft")
