@@ -21,6 +21,7 @@ from .model import (
     save_adapter,
     unmerge_adapters,
 )
+from .peft_integration import PeftFusion, fuse_peft, unfuse_peft
 from .modules import AdaptedLinear, DCFTLinear, DeLoRALinear, LoRALinear
 from .params import adapter_parameters, count_adapter_parameters
 from .regularizers import mpc_d_penalty, orthogonality_loss, orthogonality_penalty
@@ -36,6 +37,7 @@ __all__ = [
     "count_adapter_parameters",
     "count_trainable_parameters",
     "from_pretrained",
+    "fuse_peft",
     "inject_adapters",
     "load_adapter",
     "load_peft_lora",
@@ -43,6 +45,8 @@ __all__ = [
     "print_trainable_parameters",
     "save_adapter",
     "unmerge_adapters",
+    "unfuse_peft",
+    "PeftFusion",
     "dcft_linear",
     "delora_linear",
     "lora_linear",
