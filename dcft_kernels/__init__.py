@@ -10,6 +10,7 @@ from .functional import (
     structured_delta_linear,
     structured_delta_weight,
 )
+from .dcft_checkpoint import load_dcft_checkpoint
 from .model import (
     count_trainable_parameters,
     from_pretrained,
@@ -40,6 +41,7 @@ __all__ = [
     "fuse_peft",
     "inject_adapters",
     "load_adapter",
+    "load_dcft_checkpoint",
     "load_peft_lora",
     "merge_adapters",
     "print_trainable_parameters",

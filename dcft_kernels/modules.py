@@ -178,9 +178,9 @@ class DCFTLinear(AdaptedLinear):
 
     Parameters ``A`` ``(r, ⌈in/d⌉)``, ``B`` ``(⌈out/d⌉, r)``, ``kernel`` ``(d, d)``.
 
-    Mapping the authors' checkpoints: their code computes ``ΔWᵀ = conv_transpose2d(Aᵀ·Bᵀ, C)``
-    and scales by alpha/r, so our ``A``, ``B`` are their ``Bᵀ``, ``Aᵀ`` (in their shapes), our
-    ``kernel`` is their ``Cᵀ``, and their alpha/r is our ``scaling`` (pass ``alpha``).
+    The authors' checkpoints (``lora_A``, ``lora_B``, ``lora_C``) load with ``load_dcft_checkpoint``:
+    our ``A``, ``B`` are their ``lora_A``, ``lora_B``, our ``kernel`` is ``lora_C[0, 0]ᵀ`` and their
+    ``lora_alpha`` is our ``alpha``.
     """
 
     def __init__(self, in_features, out_features, kernel_size=8, rank=1, alpha=None, dropout=0.0, bias=True,
