@@ -23,7 +23,7 @@ from .model import (
     unmerge_adapters,
 )
 from .peft_integration import PeftFusion, fuse_peft, unfuse_peft
-from .modules import AdaptedLinear, DCFTLinear, DeLoRALinear, LoRALinear
+from .modules import AdaptedLinear, DCFTLinear, DeLoRALinear, LoKrLinear, LoRALinear
 from .params import adapter_parameters, count_adapter_parameters
 from .regularizers import mpc_d_penalty, orthogonality_loss, orthogonality_penalty
 
@@ -33,6 +33,7 @@ __all__ = [
     "AdaptedLinear",
     "DCFTLinear",
     "DeLoRALinear",
+    "LoKrLinear",
     "LoRALinear",
     "adapter_parameters",
     "count_adapter_parameters",

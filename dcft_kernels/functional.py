@@ -10,6 +10,7 @@ import torch
 from . import reference
 from .autograd import StructuredDeltaLinearFunction, resolve_backend
 from .dropout import dropout_mask, new_seed
+from .ops import torch_backend
 from .validation import check_structured_delta_args
 
 
@@ -26,20 +27,32 @@ def structured_delta_linear(
     dropout: float = 0.0,
     seed: int | None = None,
     backend: str = "auto",
+    order: str = "dcft",
+    row_scale: torch.Tensor | None = None,
+    activation: str | None = None,
 ) -> torch.Tensor:
     """The one op behind every adapter.
 
     Args:
         x: input ``(..., in)``; any leading dims, any strides.
         weight: frozen (or trainable) ``(out, in)`` weight; bias: ``(out,)`` or None.
-        A: ``(r, ⌈in/d⌉)``; B: ``(⌈out/d⌉, r)``; core: ``(r, r)`` or None (identity);
-            kernel: ``(d, d)`` or None (d = 1, K = [[1]]).
+        A: ``(r, ⌈in/d_in⌉)``; B: ``(⌈out/d_out⌉, r)``; core: ``(r, r)`` or None (identity);
+            kernel: ``(d_out, d_in)`` or None (K = [[1]]).
         scaling: the scalar ``s`` in front of ΔW.
         dropout: probability of zeroing an element of ``x`` on the adapter branch only.
         seed: dropout seed (drawn from torch's generator when None); the same seed gives
             the same mask on every backend.
-        backend: "auto" (Triton on CUDA when available, else torch), "torch", "triton",
-            "cpp" or "reference" (dense ΔW; slow, for checking).
+        backend: "auto" (Triton on CUDA when available, else the C++ extension, else torch),
+            "torch", "triton", "cpp" or "reference" (dense ΔW; slow, for checking).
+        order: ``"dcft"``: ΔW = (B·C·A) ⊗ K (the low-rank part sets the coarse blocks);
+            ``"lokr"``: ΔW = K ⊗ (B·C·A) (K sets the coarse blocks; PEFT's LoKr).
+        row_scale: ``(out,)`` factors on the rows of ΔW (LoKr's rank dropout), not differentiated.
+        activation: None, "tanh", "relu" or "gelu" on T between the A and B products (MPC_n):
+            ``U = C·σ(T)·Kᵀ``; ΔW then depends on the input and cannot be merged.
+
+    The fused Triton and C++ kernels compute the DCFT order with a square kernel; the LoKr order,
+    a rectangular kernel, ``row_scale`` and ``activation`` run on the torch backend ("auto" picks
+    it), whose backward autograd derives.
     """
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         # Mixed precision: run in the autocast dtype like F.linear does; grads flow back in the
@@ -48,12 +61,26 @@ def structured_delta_linear(
         x, weight, bias, A, B, core, kernel = (
             t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
             for t in (x, weight, bias, A, B, core, kernel))
-    check_structured_delta_args(x, weight, bias, A, B, core, kernel, scaling, dropout)
-    name = resolve_backend(backend, x.device.type)
+    check_structured_delta_args(x, weight, bias, A, B, core, kernel, scaling, dropout, order, row_scale, activation)
+    general = (order != "dcft" or row_scale is not None or activation is not None
+               or (kernel is not None and kernel.shape[0] != kernel.shape[1]))
+    if general and backend not in ("auto", "torch", "reference"):
+        raise ValueError(f"backend={backend!r} computes the DCFT order with a square kernel only; order='lokr', a "
+                         "rectangular kernel, row_scale and activation run on backend='torch' (or 'auto')")
+    name = "torch" if general and backend != "reference" else resolve_backend(backend, x.device.type)
     p = float(dropout)
     if p > 0.0 and seed is None:
         seed = new_seed()
     seed = 0 if seed is None else int(seed)
+    if row_scale is not None:
+        row_scale = row_scale.detach()
+    if name == "reference" and general:
+        mask = dropout_mask(x.shape, p, seed, x.device, x.dtype) if p > 0.0 else None
+        return reference.kron_delta_linear(x, weight, bias, A, B, core, kernel, scaling, mask, order, row_scale,
+                                           activation)
+    if general:
+        return torch_backend.general_linear(x, weight, bias, A, B, core, kernel, float(scaling), p, seed, order,
+                                            row_scale, activation)
     if name == "reference":
         mask = dropout_mask(x.shape, p, seed, x.device, x.dtype) if p > 0.0 else None
         return reference.structured_delta_linear(x, weight, bias, A, B, core, kernel, scaling, mask)
@@ -81,11 +108,18 @@ def delora_linear(x, weight, bias, A, B, core, *, scaling=1.0, dropout=0.0, seed
     )
 
 
-def structured_delta_weight(A, B, core=None, kernel=None, out_features=None, in_features=None, scaling=1.0):
-    """Build ΔW densely (for merging and inspection): ``scaling · kron(B·C·A, K)`` cropped."""
+def structured_delta_weight(A, B, core=None, kernel=None, out_features=None, in_features=None, scaling=1.0,
+                            order="dcft"):
+    """Build ΔW densely (for merging and inspection): ``scaling · kron(B·C·A, K)`` (or
+    ``kron(K, B·C·A)`` for ``order="lokr"``), cropped."""
     small = B @ core @ A if core is not None else B @ A
     # torch.kron views its inputs: a transposed (non-contiguous) kernel must be laid out first.
-    delta = torch.kron(small.contiguous(), kernel.contiguous()) if kernel is not None else small
+    if kernel is None:
+        delta = small
+    elif order == "lokr":
+        delta = torch.kron(kernel.contiguous(), small.contiguous())
+    else:
+        delta = torch.kron(small.contiguous(), kernel.contiguous())
     out_features = delta.shape[0] if out_features is None else out_features
     in_features = delta.shape[1] if in_features is None else in_features
     return scaling * delta[:out_features, :in_features]

@@ -19,17 +19,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .distributed import full, writes_files
-from .modules import AdaptedLinear, DCFTLinear, DeLoRALinear, LoRALinear, linear_dims
+from .modules import AdaptedLinear, DCFTLinear, DeLoRALinear, LoKrLinear, LoRALinear, linear_dims
 
-METHODS = {"dcft": DCFTLinear, "lora": LoRALinear, "delora": DeLoRALinear}
+METHODS = {"dcft": DCFTLinear, "lora": LoRALinear, "delora": DeLoRALinear, "lokr": LoKrLinear}
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _CONFIG_ATTR = "dcft_kernels_config"  # set on the model by inject_adapters
 # Constructor options each method takes (and that a saved config records).
 _OPTIONS = {
-    "dcft": ("kernel_size", "rank", "alpha", "dropout", "init", "backend"),
-    "lora": ("rank", "alpha", "rslora", "dropout", "backend"),
-    "delora": ("rank", "alpha", "dropout", "backend"),
+    "dcft": ("kernel_size", "rank", "alpha", "dropout", "init", "activation", "backend"),
+    "lora": ("rank", "alpha", "rslora", "dropout", "activation", "backend"),
+    "delora": ("rank", "alpha", "dropout", "activation", "backend"),
+    "lokr": ("rank", "alpha", "decompose_factor", "decompose_both", "rank_dropout", "module_dropout",
+             "rank_dropout_scale", "activation", "backend"),
 }
 
 
@@ -87,7 +89,7 @@ def inject_adapters(model: nn.Module, method: str = "dcft", target_modules=None,
 
     Args:
         model: any ``nn.Module`` (a Hugging Face model included).
-        method: ``"dcft"``, ``"lora"`` or ``"delora"``.
+        method: ``"dcft"``, ``"lora"``, ``"delora"`` or ``"lokr"``.
         target_modules: a list of module names or name suffixes (``["query", "value"]``), a
             regex string that must match the whole module name, ``"all-linear"`` (every
             ``nn.Linear`` / ``Conv1D`` but the output layer), or None (default): the
@@ -173,16 +175,12 @@ def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     which the adapter cannot be rebuilt without) and the parameters of ``modules_to_save``."""
     tensors = {}
     for name, module in _adapters(model):
-        for key, t in _factor_tensors(module).items():
+        for key, t in module.factor_tensors().items():
             tensors[f"{name}.{key}"] = t
     for name in getattr(model, _CONFIG_ATTR, {}).get("modules_to_save", []):
         for key, t in model.get_submodule(name).state_dict().items():
             tensors[f"{name}.{key}"] = t
     return tensors
-
-
-def _factor_tensors(module: AdaptedLinear) -> dict[str, torch.Tensor]:
-    return {key: t for key in ("A", "B", "core", "kernel") if (t := getattr(module, key, None)) is not None}
 
 
 def save_adapter(model: nn.Module, path: str) -> None:
@@ -276,11 +274,12 @@ def _check_adapter(model: nn.Module, path: str, config: dict, tensors: dict[str,
             if module.merged:
                 raise ValueError(f"{path}: module {name!r} is merged; call unmerge_adapters(model) before loading")
             for key, opt in (("rank", "rank"), ("kernel_size", "kernel_size"), ("alpha", "alpha"),
-                             ("rslora", "rslora")):
+                             ("rslora", "rslora"), ("activation", "activation"),
+                             ("decompose_factor", "decompose_factor"), ("decompose_both", "decompose_both")):
                 if opt in options and getattr(module, key, options[opt]) != options[opt]:
                     raise ValueError(f"{path}: module {name!r} has {key}={getattr(module, key)!r}, the file has "
                                      f"{options[opt]!r}")
-            for key, t in _factor_tensors(module).items():
+            for key, t in module.factor_tensors().items():
                 expected[f"{name}.{key}"] = (tuple(t.shape), t.dtype)
         elif linear_dims(module) is not None:
             if not inject:
@@ -321,7 +320,7 @@ def _factor_shapes(method, linear: nn.Module, options) -> dict[str, tuple]:
     """The factor shapes an adapter of ``method`` with ``options`` would get on ``linear``."""
     in_features, out_features, _ = linear_dims(linear)
     meta = _meta_adapter(method, in_features, out_features, options)
-    return {key: tuple(t.shape) for key, t in _factor_tensors(meta).items()}
+    return {key: tuple(t.shape) for key, t in meta.factor_tensors().items()}
 
 
 def load_adapter(model: nn.Module, path: str) -> nn.Module:
@@ -347,7 +346,7 @@ def _apply_adapter(model, config, tensors, options, inject, saved_modules):
                         modules_to_save=config.get("modules_to_save") or (), **options)
     with torch.no_grad():
         for name in config["target_modules"]:
-            for key, t in _factor_tensors(model.get_submodule(name)).items():
+            for key, t in model.get_submodule(name).factor_tensors().items():
                 t.copy_(tensors[f"{name}.{key}"])
         for owner in saved_modules:
             prefix = owner + "."

@@ -1,4 +1,4 @@
-"""Drop-in ``nn.Linear`` replacements: DCFTLinear, LoRALinear, DeLoRALinear.
+"""Drop-in ``nn.Linear`` replacements: DCFTLinear, LoRALinear, DeLoRALinear, LoKrLinear.
 
 The modules hold parameters and configuration only; the math lives in
 ``functional.structured_delta_linear``. Each keeps ``nn.Linear``'s ``weight``,
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .autograd import BACKENDS
+from .validation import ACTIVATIONS
 from .functional import structured_delta_linear, structured_delta_weight
 
 
@@ -60,8 +61,16 @@ class AdaptedLinear(nn.Module):
     ``reset_parameters()`` (which resets the adapter only, never the frozen weight).
     """
 
-    def __init__(self, in_features, out_features, *, bias, scaling, dropout, backend, base, device, dtype):
+    order = "dcft"  # ΔW = (B·C·A) ⊗ K; LoKrLinear is the other order
+
+    def __init__(self, in_features, out_features, *, bias, scaling, dropout, backend, base, device, dtype,
+                 activation=None):
         super().__init__()
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+        if activation is not None and backend not in ("auto", "torch", "reference"):
+            raise ValueError(f"activation={activation!r} runs on backend 'torch' or 'auto', not {backend!r}")
+        self.activation = activation
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
         if not 0.0 <= dropout < 1.0:
@@ -100,20 +109,29 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight_out_in(), self.bias)
+        return self._adapted(x)
+
+    def _adapted(self, x, row_scale=None):
         A, B, core, kernel = self._factors()
         return structured_delta_linear(
             x, self.weight_out_in(), self.bias, A, B, core, kernel,
             scaling=self.scaling, dropout=self.dropout if self.training else 0.0, backend=self.backend,
+            order=self.order, row_scale=row_scale, activation=self.activation,
         )
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (``out × in``) built densely; for merging and inspection, never used in forward."""
+        if self.activation is not None:
+            raise ValueError(f"activation={self.activation!r} (MPC_n) makes the delta depend on the input: there is "
+                             "no ΔW to build or merge")
         A, B, core, kernel = self._factors()
-        return structured_delta_weight(A, B, core, kernel, self.out_features, self.in_features, self.scaling)
+        return structured_delta_weight(A, B, core, kernel, self.out_features, self.in_features, self.scaling,
+                                       self.order)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add ΔW into ``weight`` in place; forward then costs exactly an ``nn.Linear``."""
+        """Add ΔW into ``weight`` in place; forward then costs exactly an ``nn.Linear``.
+        Refused (``ValueError``) with an activation (MPC_n), whose delta depends on the input."""
         if self.merged:
             warnings.warn("merge(): adapter is already merged; nothing done", stacklevel=2)
             return
@@ -137,8 +155,14 @@ class AdaptedLinear(nn.Module):
     def _adapter_repr(self) -> str:
         raise NotImplementedError
 
+    def factor_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors by name (trained or frozen), as adapter files store them."""
+        return {key: t for key in ("A", "B", "core", "kernel") if (t := getattr(self, key, None)) is not None}
+
     def extra_repr(self) -> str:
         layout = ", weight_is_in_by_out=True" if self.weight_is_in_by_out else ""
+        if self.activation is not None:
+            layout += f", activation={self.activation!r}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{layout}, "
             f"{self._adapter_repr()}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
@@ -184,7 +208,7 @@ class DCFTLinear(AdaptedLinear):
     """
 
     def __init__(self, in_features, out_features, kernel_size=8, rank=1, alpha=None, dropout=0.0, bias=True,
-                 *, init="zero", backend="auto", device=None, dtype=None, _base=None):
+                 *, init="zero", activation=None, backend="auto", device=None, dtype=None, _base=None):
         self.kernel_size = _positive_int("kernel_size", kernel_size)
         self.rank = _positive_int("rank", rank)
         if init not in ("zero", "paper"):
@@ -194,7 +218,7 @@ class DCFTLinear(AdaptedLinear):
         _warn_useless_sizes("DCFTLinear", in_features, out_features, rank, kernel_size)
         scaling = 1.0 if alpha is None else alpha / rank
         super().__init__(in_features, out_features, bias=bias, scaling=scaling, dropout=dropout,
-                         backend=backend, base=_base, device=device, dtype=dtype)
+                         backend=backend, base=_base, device=device, dtype=dtype, activation=activation)
         d = kernel_size
         kw = self._factor_kwargs()
         self.A = nn.Parameter(torch.empty(rank, math.ceil(in_features / d), **kw))
@@ -227,14 +251,14 @@ class LoRALinear(AdaptedLinear):
     """
 
     def __init__(self, in_features, out_features, rank=8, alpha=16, dropout=0.0, bias=True,
-                 *, rslora=False, backend="auto", device=None, dtype=None, _base=None):
+                 *, rslora=False, activation=None, backend="auto", device=None, dtype=None, _base=None):
         self.rank = _positive_int("rank", rank)
         self.alpha = alpha
         self.rslora = bool(rslora)
         _warn_useless_sizes("LoRALinear", in_features, out_features, rank)
         scaling = alpha / math.sqrt(rank) if self.rslora else alpha / rank
         super().__init__(in_features, out_features, bias=bias, scaling=scaling, dropout=dropout,
-                         backend=backend, base=_base, device=device, dtype=dtype)
+                         backend=backend, base=_base, device=device, dtype=dtype, activation=activation)
         kw = self._factor_kwargs()
         self.A = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.B = nn.Parameter(torch.empty(out_features, rank, **kw))
@@ -263,12 +287,12 @@ class DeLoRALinear(AdaptedLinear):
     """
 
     def __init__(self, in_features, out_features, rank=8, alpha=16, dropout=0.0, bias=True,
-                 *, backend="auto", device=None, dtype=None, _base=None):
+                 *, activation=None, backend="auto", device=None, dtype=None, _base=None):
         self.rank = _positive_int("rank", rank)
         self.alpha = alpha
         _warn_useless_sizes("DeLoRALinear", in_features, out_features, rank)
         super().__init__(in_features, out_features, bias=bias, scaling=alpha / rank, dropout=dropout,
-                         backend=backend, base=_base, device=device, dtype=dtype)
+                         backend=backend, base=_base, device=device, dtype=dtype, activation=activation)
         kw = self._factor_kwargs()
         self.register_buffer("A", torch.empty(rank, in_features, **kw))
         self.register_buffer("B", torch.empty(out_features, rank, **kw))
@@ -286,3 +310,101 @@ class DeLoRALinear(AdaptedLinear):
 
     def _adapter_repr(self):
         return f"rank={self.rank}, alpha={self.alpha:g}"
+
+
+def kron_factors(dim: int, factor: int = -1) -> tuple[int, int]:
+    """``(m, n)`` with ``m·n = dim``, as PEFT's LoKr splits a dimension: ``(factor, dim/factor)`` when
+    ``factor`` divides ``dim``; else ``m`` is the largest divisor of ``dim`` up to ``√dim`` and up to
+    ``factor`` (no limit for -1)."""
+    if factor > 0 and dim % factor == 0:
+        return factor, dim // factor
+    limit = dim if factor == -1 else factor
+    m = max(k for k in range(1, math.isqrt(dim) + 1) if dim % k == 0 and k <= limit)
+    return m, dim // m
+
+
+class LoKrLinear(AdaptedLinear):
+    """``nn.Linear`` + LoKr delta ``ΔW = (alpha / rank) · K ⊗ (B·A)`` (PEFT's and LyCORIS's LoKr).
+
+    The other Kronecker order from DCFT: the small ``K`` (PEFT's ``w1``, ``out_l × in_m``) sets the
+    coarse blocks, each a scaled copy of ``B·A`` (PEFT's ``w2_a · w2_b``, ``out_k × in_n``); sizes
+    from :func:`kron_factors` as PEFT's ``factorization`` gives them. Computed without building ΔW.
+
+    Args, as PEFT's ``LoKrConfig`` for linear layers:
+        rank, alpha: r and alpha (scaling = alpha / r).
+        decompose_factor: the split of in/out features (-1: near the square root).
+        decompose_both: K as ``kernel_a · kernel_b`` (rank r) when r < max(out_l, in_m) / 2.
+        rank_dropout: in training, each row of ΔW is kept with probability ``1 - rank_dropout``
+            (rescaled by the kept fraction with ``rank_dropout_scale``).
+        module_dropout: in training, the whole adapter is skipped with this probability.
+        activation: MPC_n between the A and B products (then the layer cannot be merged).
+
+    As in PEFT, ``B·A`` is the full ``B`` (with ``A`` an identity buffer) when r ≥ max(out_k, in_n)/2.
+    Init as PEFT: K = 0 (or ``kernel_a`` = 0), A and B Kaiming-uniform, so ΔW = 0 at step 0.
+    """
+
+    order = "lokr"
+
+    def __init__(self, in_features, out_features, rank=8, alpha=8.0, bias=True, *, decompose_factor=-1,
+                 decompose_both=False, rank_dropout=0.0, module_dropout=0.0, rank_dropout_scale=False,
+                 activation=None, backend="auto", device=None, dtype=None, _base=None):
+        self.rank = _positive_int("rank", rank)
+        self.alpha = alpha
+        for name, p in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
+        self.decompose_factor, self.decompose_both = int(decompose_factor), bool(decompose_both)
+        self.rank_dropout, self.module_dropout = float(rank_dropout), float(module_dropout)
+        self.rank_dropout_scale = bool(rank_dropout_scale)
+        super().__init__(in_features, out_features, bias=bias, scaling=alpha / rank, dropout=0.0,
+                         backend=backend, base=_base, device=device, dtype=dtype, activation=activation)
+        in_m, in_n = kron_factors(self.in_features, self.decompose_factor)
+        out_l, out_k = kron_factors(self.out_features, self.decompose_factor)
+        kw = self._factor_kwargs()
+        if self.decompose_both and rank < max(out_l, in_m) / 2:
+            self.kernel_a = nn.Parameter(torch.empty(out_l, rank, **kw))
+            self.kernel_b = nn.Parameter(torch.empty(rank, in_m, **kw))
+        else:
+            self.kernel = nn.Parameter(torch.empty(out_l, in_m, **kw))
+        if rank < max(out_k, in_n) / 2:
+            self.A = nn.Parameter(torch.empty(rank, in_n, **kw))
+        else:  # full w2: B is it, A the identity (r_eff = in_n ≤ 2r)
+            self.register_buffer("A", torch.eye(in_n, **kw), persistent=False)
+        self.B = nn.Parameter(torch.empty(out_k, self.A.shape[0], **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """K (or kernel_a) zeros, the rest Kaiming-uniform, as PEFT; the frozen weight is untouched."""
+        if hasattr(self, "kernel"):
+            nn.init.zeros_(self.kernel)
+        else:
+            nn.init.zeros_(self.kernel_a)
+            nn.init.kaiming_uniform_(self.kernel_b, a=math.sqrt(5))
+        if isinstance(self.A, nn.Parameter):
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+
+    def _factors(self):
+        kernel = self.kernel if hasattr(self, "kernel") else self.kernel_a @ self.kernel_b
+        return self.A, self.B, None, kernel
+
+    def factor_tensors(self):
+        names = ("kernel",) if hasattr(self, "kernel") else ("kernel_a", "kernel_b")
+        names += ("A", "B") if isinstance(self.A, nn.Parameter) else ("B",)
+        return {name: getattr(self, name) for name in names}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight_out_in(), self.bias)
+        if self.training and self.module_dropout and torch.rand(()).item() < self.module_dropout:
+            return F.linear(x, self.weight_out_in(), self.bias)
+        row_scale = None
+        if self.training and self.rank_dropout:
+            row_scale = (torch.rand(self.out_features, device=x.device) > self.rank_dropout).to(x.dtype)
+            if self.rank_dropout_scale:
+                row_scale = row_scale / row_scale.mean().clamp_min(1e-12)
+        return self._adapted(x, row_scale)
+
+    def _adapter_repr(self):
+        return (f"rank={self.rank}, alpha={self.alpha:g}, kernel={tuple(self._factors()[3].shape)}, "
+                f"B·A={tuple(self.B.shape)}×{tuple(self.A.shape)}")

@@ -70,6 +70,38 @@ def delora_linear(x, weight, bias, A, B, core, scaling, dropout_mask=None):
     return structured_delta_linear(x, weight, bias, A, B, core, None, scaling, dropout_mask)
 
 
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
+
+
+def kron_delta_linear(x, weight, bias, A, B, core=None, kernel=None, scaling=1.0, dropout_mask=None,
+                      order="dcft", row_scale=None, activation=None):
+    """The general op densely, with ``torch.kron``, for either Kronecker order.
+
+    ``order="dcft"``: ΔW = (B·C·A) ⊗ K; ``order="lokr"``: ΔW = K ⊗ (B·C·A); K is ``d_out × d_in``
+    (rectangular allowed), ΔW cropped to ``out × in``, its rows scaled by ``row_scale``.
+    By the mixed-product rule ΔW = E·S with the shrink S = A ⊗ I (or I ⊗ A) and the expand
+    E = (B·C) ⊗ K (or K ⊗ (B·C)); ``activation`` (MPC_n) is applied between them, per token:
+    ``y = x Wᵀ + b + scaling · σ(x Sᵀ) Eᵀ``. Without it this is ``F.linear(x, W + ΔW, b)``.
+    """
+    out_features, in_features = weight.shape
+    K = torch.ones(1, 1, dtype=A.dtype, device=A.device) if kernel is None else kernel
+    BC = B @ core if core is not None else B
+    eye_in = torch.eye(K.shape[1], dtype=A.dtype, device=A.device)
+    if order == "dcft":
+        S, E = torch.kron(A, eye_in), torch.kron(BC, K)
+    elif order == "lokr":
+        S, E = torch.kron(eye_in, A), torch.kron(K, BC)
+    else:
+        raise ValueError(f"order must be 'dcft' or 'lokr', got {order!r}")
+    S, E = S[:, :in_features], E[:out_features]
+    if row_scale is not None:
+        E = E * row_scale[:, None]
+    x_adapter = x if dropout_mask is None else x * dropout_mask
+    if activation is None:
+        return F.linear(x, weight, bias) + scaling * F.linear(x_adapter, E @ S)
+    return F.linear(x, weight, bias) + scaling * F.linear(ACTIVATIONS[activation](F.linear(x_adapter, S)), E)
+
+
 def orthogonality_penalty(A, B, squared=True):
     """DCFT Eq. 4 on the r×r sides: ‖A·Aᵀ − I‖² + ‖Bᵀ·B − I‖² (Frobenius)."""
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)

@@ -8,8 +8,17 @@ def _shape(t):
     return tuple(t.shape)
 
 
-def check_structured_delta_args(x, weight, bias, A, B, core, kernel, scaling, dropout):
+ORDERS = ("dcft", "lokr")
+ACTIVATIONS = ("tanh", "relu", "gelu")
+
+
+def check_structured_delta_args(x, weight, bias, A, B, core, kernel, scaling, dropout, order="dcft",
+                                row_scale=None, activation=None):
     """Raise ``TypeError``/``ValueError`` naming the bad argument; return nothing."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
     for name, t in (("x", x), ("weight", weight), ("A", A), ("B", B)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -27,25 +36,28 @@ def check_structured_delta_args(x, weight, bias, A, B, core, kernel, scaling, dr
     if bias is not None and _shape(bias) != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {_shape(bias)}")
 
-    d = 1
+    d_out = d_in = 1
     if kernel is not None:
-        if kernel.dim() != 2 or kernel.shape[0] != kernel.shape[1]:
-            raise ValueError(f"kernel must be a square d×d matrix, got shape {_shape(kernel)}")
-        d = kernel.shape[0]
-        if d < 1:
-            raise ValueError("kernel size d must be >= 1, got 0")
+        if kernel.dim() != 2:
+            raise ValueError(f"kernel must be a 2-D (d_out, d_in) matrix, got shape {_shape(kernel)}")
+        d_out, d_in = kernel.shape
+        if d_out < 1 or d_in < 1:
+            raise ValueError(f"kernel must have both sizes >= 1, got shape {_shape(kernel)}")
     if A.dim() != 2 or A.shape[0] < 1:
         raise ValueError(f"A must be 2-D (rank >= 1, ⌈in/d⌉), got shape {_shape(A)}")
     rank = A.shape[0]
-    n_in, n_out = -(-in_features // d), -(-out_features // d)
+    n_in, n_out = -(-in_features // d_in), -(-out_features // d_out)
     if _shape(A) != (rank, n_in):
         raise ValueError(f"A must have shape (rank, ⌈in_features/d⌉) = ({rank}, {n_in}), got {_shape(A)}")
     if _shape(B) != (n_out, rank):
         raise ValueError(f"B must have shape (⌈out_features/d⌉, rank) = ({n_out}, {rank}), got {_shape(B)}")
+    if row_scale is not None and _shape(row_scale) != (out_features,):
+        raise ValueError(f"row_scale must have shape ({out_features},), got {_shape(row_scale)}")
     if core is not None and _shape(core) != (rank, rank):
         raise ValueError(f"core must have shape (rank, rank) = ({rank}, {rank}), got {_shape(core)}")
 
-    for name, t in (("weight", weight), ("bias", bias), ("A", A), ("B", B), ("core", core), ("kernel", kernel)):
+    for name, t in (("weight", weight), ("bias", bias), ("A", A), ("B", B), ("core", core), ("kernel", kernel),
+                    ("row_scale", row_scale)):
         if t is None:
             continue
         if t.dtype != x.dtype:

@@ -184,7 +184,7 @@ def test_layers_left_to_peft_say_why():
 
 
 def test_bad_input_is_refused():
-    with pytest.raises(ValueError, match="no PEFT LoRA layer"):
+    with pytest.raises(ValueError, match="no PEFT LoRA or LoKr layer"):
         fuse_peft(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(ValueError, match="backend must be one of"):
         fuse_peft(_peft_model(), backend="cuda")

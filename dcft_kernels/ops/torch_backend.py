@@ -107,3 +107,37 @@ def _backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_
                 dx_adapter = dx_adapter * mask
             dx = grad_y @ weight + dx_adapter
     return dx, dA, dB, dC, dK
+
+
+_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
+
+
+def general_linear(x, weight, bias, A, B, core, kernel, scaling, p, seed, order, row_scale, activation):
+    """The op in either Kronecker order, with a rectangular ``d_out × d_in`` kernel, a per-output
+    scale of ΔW's rows and an activation on T, in differentiable torch ops (autograd derives the
+    backward; T, σ(T) and U, tokens × r × d each, are what it saves).
+
+    ``order="dcft"``: per token ``X = x.view(⌈in/d_in⌉, d_in)``, ``T = A·X``, ``U = C·σ(T)·Kᵀ``,
+    ``y += s·B·U``. ``order="lokr"`` (K sets the coarse blocks): ``X = x.view(d_in, ⌈in/d_in⌉)``,
+    ``T = X·Aᵀ``, ``U = K·σ(T)·Cᵀ``, ``y += s·U·Bᵀ``. Both flattened and cropped to ``out``.
+    """
+    lead, x2d = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    acc = _acc(x.dtype)
+    xa, A, B = _dropped(x2d, p, seed).to(acc), A.to(acc), B.to(acc)
+    K = kernel.to(acc) if kernel is not None else torch.ones(1, 1, dtype=acc, device=x.device)
+    C = core.to(acc) if core is not None else None
+    act = _ACTIVATIONS[activation] if activation is not None else (lambda t: t)
+    d_out, d_in = K.shape
+    if order == "dcft":
+        T = act(torch.einsum("ri,nij->nrj", A, _blocks(xa, A.shape[1], d_in)))
+        U = (C @ T if C is not None else T) @ K.T
+        delta = torch.einsum("or,nrk->nok", B, U)
+    else:
+        T = act(torch.einsum("nji,ri->njr", _blocks(xa, d_in, A.shape[1]), A))
+        U = K @ (T @ C.T if C is not None else T)
+        delta = torch.einsum("nkr,or->nko", U, B)
+    delta = delta.reshape(x2d.shape[0], -1)[:, : weight.shape[0]]
+    if row_scale is not None:
+        delta = delta * row_scale.to(acc)
+    y = F.linear(x2d, weight, bias).to(acc) + scaling * delta
+    return y.to(x.dtype).reshape(*lead, weight.shape[0])
