@@ -38,7 +38,7 @@ from torch import nn
 from . import reference
 from .autograd import is_available, resolve_backend
 from .paired_timing import paired_ratios, run_rounds
-from .modules import AdaptedLinear, DCFTLinear, DeLoRALinear, LoRALinear
+from .modules import AdaptedLinear, DCFTLinear, DeLoRALinear, LoKrLinear, LoRALinear
 from .params import MODEL_SHAPES, PAPER_DEBERTA_V3_BASE, count_adapter_parameters
 
 PRESETS = {  # name -> list of (tokens, in_features, out_features)
@@ -119,10 +119,8 @@ class MergedDenseDCFT(NaiveDCFT):
 def _randomize(module: AdaptedLinear, generator: torch.Generator):
     """Non-zero adapter values (the same for every row built from the same generator state)."""
     with torch.no_grad():
-        for name in ("A", "B", "core", "kernel"):
-            t = getattr(module, name, None)
-            if t is not None:
-                t.copy_(torch.randn(t.shape, generator=generator) * 0.1)
+        for t in module.factor_tensors().values():
+            t.copy_(torch.randn(t.shape, generator=generator) * 0.1)
     return module
 
 
@@ -141,21 +139,50 @@ def _trainable(module):
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _peft_lora(base: nn.Linear, ours: LoRALinear, dropout: float = 0.0) -> Case:
-    name = f"PEFT LoRA r={ours.rank}" + (f" dropout {dropout:g}" if dropout else "")
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        return Case(name, None, note="peft not installed")
+def _peft_layer(base: nn.Linear, config):
+    """PEFT's adapter layer around ``base`` (its weight shared, as PEFT would wrap it)."""
+    from peft import get_peft_model
+
     wrapper = nn.Module()
     wrapper.proj = nn.Linear(base.in_features, base.out_features, device="meta")
-    wrapper.proj.weight, wrapper.proj.bias = base.weight, base.bias  # share, as PEFT would wrap it
-    config = LoraConfig(r=ours.rank, lora_alpha=ours.alpha, lora_dropout=dropout, target_modules=["proj"])
-    layer = get_peft_model(wrapper, config).base_model.model.proj
+    wrapper.proj.weight, wrapper.proj.bias = base.weight, base.bias
+    return get_peft_model(wrapper, config).base_model.model.proj
+
+
+def _fused(layer):
+    from .peft_integration import fuse_peft
+
+    fuse_peft(layer)
+    return layer
+
+
+def _peft_lora(base: nn.Linear, ours: LoRALinear, dropout: float = 0.0, fused: bool = False) -> Case:
+    name = f"PEFT LoRA r={ours.rank}" + (f" dropout {dropout:g}" if dropout else "") + (" fused" if fused else "")
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        return Case(name, None, note="peft not installed")
+    layer = _peft_layer(base, LoraConfig(r=ours.rank, lora_alpha=ours.alpha, lora_dropout=dropout,
+                                         target_modules=["proj"]))
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(ours.A)
         layer.lora_B["default"].weight.copy_(ours.B)
-    return Case(name, layer, ours_reference(ours), _trainable(layer), dropout=dropout)
+    return Case(name, _fused(layer) if fused else layer, ours_reference(ours), _trainable(layer), dropout=dropout)
+
+
+def _peft_lokr(base: nn.Linear, ours: LoKrLinear, fused: bool = False) -> Case:
+    name = f"PEFT LoKr r={ours.rank}" + (" fused" if fused else "")
+    try:
+        from peft import LoKrConfig
+    except ImportError:
+        return Case(name, None, note="peft not installed")
+    layer = _peft_layer(base, LoKrConfig(r=ours.rank, alpha=ours.alpha, target_modules=["proj"]))
+    ours_tensors = ours.factor_tensors()
+    with torch.no_grad():
+        for theirs, key in (("lokr_w1", "kernel"), ("lokr_w2_a", "B"), ("lokr_w2_b", "A"), ("lokr_w2", "B")):
+            if "default" in getattr(layer, theirs):
+                getattr(layer, theirs)["default"].copy_(ours_tensors[key])
+    return Case(name, _fused(layer) if fused else layer, ours_reference(ours), _trainable(layer))
 
 
 class _PlainTritonLinear(torch.autograd.Function):
@@ -180,8 +207,7 @@ class _PlainTritonLinear(torch.autograd.Function):
 def ours_reference(m: AdaptedLinear):
     """x -> y of ``m`` computed densely by reference.py."""
     A, B, core, kernel = m._factors()
-    return lambda x: reference.structured_delta_linear(
-        x, m.weight, m.bias, A, B, core, kernel, m.scaling)
+    return lambda x: reference.kron_delta_linear(x, m.weight, m.bias, A, B, core, kernel, m.scaling, order=m.order)
 
 
 DROPOUT = 0.1  # the setting fine-tuning uses; its rows time the seeded mask regeneration
@@ -227,9 +253,15 @@ def build_cases(in_features, out_features, *, kernel_size, rank, lora_rank, dtyp
         label = f"LoRALinear r={lora_rank}" + (f" dropout {p:g}" if p else "") + f" [{auto}]"
         cases.append(Case(label, lora, ours_reference(lora), _trainable(lora), dropout=p))
         cases.append(_peft_lora(base, lora, p))
+        cases.append(_peft_lora(base, lora, p, fused=True))
     delora = _randomize(DeLoRALinear.from_linear(base, rank=lora_rank, alpha=2 * lora_rank),
                         torch.Generator().manual_seed(seed + 3))
     cases.append(Case(f"DeLoRALinear r={lora_rank} [{auto}]", delora, ours_reference(delora), _trainable(delora)))
+    lokr = _randomize(LoKrLinear.from_linear(base, rank=lora_rank, alpha=lora_rank),
+                      torch.Generator().manual_seed(seed + 4))
+    cases.append(Case(f"LoKrLinear r={lora_rank} [torch]", lokr, ours_reference(lokr), _trainable(lokr)))
+    cases.append(_peft_lokr(base, lokr))
+    cases.append(_peft_lokr(base, lokr, fused=True))
     return cases
 
 
