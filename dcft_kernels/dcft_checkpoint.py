@@ -20,6 +20,7 @@ from torch import nn
 
 from .model import inject_adapters
 from .modules import DCFTLinear, linear_dims
+from .validation import factor_shapes
 
 _KEY = re.compile(r"(.+)\.lora_([ABC])(?:\.weight)?")
 
@@ -79,7 +80,7 @@ def load_dcft_checkpoint(model: nn.Module, checkpoint, *, alpha: float, backend:
             raise ValueError(f"{name}.lora_C must have shape (1, 1, d, d), got {tuple(C.shape)}")
         d, rank = C.shape[2], f["A"].shape[0]
         in_features, out_features, _ = dims
-        want_a, want_b = (rank, -(-in_features // d)), (-(-out_features // d), rank)
+        want_a, want_b = factor_shapes(in_features, out_features, rank, d)
         if tuple(f["A"].shape) != want_a or tuple(f["B"].shape) != want_b:
             raise ValueError(f"module {name!r} ({in_features} → {out_features}, d={d}, r={rank}): lora_A must be "
                              f"{want_a} and lora_B {want_b}, got {tuple(f['A'].shape)} and {tuple(f['B'].shape)}")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .autograd import BACKENDS
-from .validation import ACTIVATIONS
+from .validation import ACTIVATIONS, factor_shapes
 from .functional import structured_delta_linear, structured_delta_weight
 
 
@@ -47,7 +47,8 @@ def _warn_useless_sizes(layer: str, in_features, out_features, rank, d=1):
         smallest = min(in_features, out_features)
         warnings.warn(f"{layer}: kernel_size={d} exceeds min(in_features, out_features)={smallest}; the kernel's "
                       "entries beyond it are cropped away and never train", stacklevel=3)
-    most = min(-(-in_features // d), -(-out_features // d))
+    (_, n_in), (n_out, _) = factor_shapes(in_features, out_features, rank, d)
+    most = min(n_in, n_out)
     if rank > most:
         warnings.warn(f"{layer}: rank={rank} exceeds the largest useful rank {most} (min(⌈in/d⌉, ⌈out/d⌉) for "
                       f"in={in_features}, out={out_features}, d={d}); the extra rank adds no expressiveness",
@@ -221,8 +222,9 @@ class DCFTLinear(AdaptedLinear):
                          backend=backend, base=_base, device=device, dtype=dtype, activation=activation)
         d = kernel_size
         kw = self._factor_kwargs()
-        self.A = nn.Parameter(torch.empty(rank, math.ceil(in_features / d), **kw))
-        self.B = nn.Parameter(torch.empty(math.ceil(out_features / d), rank, **kw))
+        shape_a, shape_b = factor_shapes(in_features, out_features, rank, d)
+        self.A = nn.Parameter(torch.empty(shape_a, **kw))
+        self.B = nn.Parameter(torch.empty(shape_b, **kw))
         self.kernel = nn.Parameter(torch.empty(d, d, **kw))
         self.reset_parameters()
 

@@ -4,7 +4,7 @@ Shapes are ``(out_features, in_features)`` as in ``nn.Linear``.
 """
 from __future__ import annotations
 
-import math
+from .validation import factor_shapes
 
 
 def adapter_parameters(out_features: int, in_features: int, method: str = "dcft", kernel_size: int = 8,
@@ -14,8 +14,8 @@ def adapter_parameters(out_features: int, in_features: int, method: str = "dcft"
     DCFT: ``r·(⌈out/d⌉ + ⌈in/d⌉) + d²``; LoRA: ``r·(out + in)``; DeLoRA: ``r²``.
     """
     if method == "dcft":
-        d = kernel_size
-        return rank * (math.ceil(out_features / d) + math.ceil(in_features / d)) + d * d
+        (_, n_in), (n_out, _) = factor_shapes(in_features, out_features, rank, kernel_size)
+        return rank * (n_out + n_in) + kernel_size**2
     if method == "lora":
         return rank * (out_features + in_features)
     if method == "delora":

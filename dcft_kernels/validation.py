@@ -4,6 +4,14 @@ from __future__ import annotations
 import torch
 
 
+def factor_shapes(in_features: int, out_features: int, rank: int, d_out: int = 1,
+                  d_in: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of A and B for a ``d_out × d_in`` kernel (square when ``d_in`` is None):
+    ``A: (r, ⌈in/d_in⌉)``, ``B: (⌈out/d_out⌉, r)`` — the one place this rule is written."""
+    d_in = d_out if d_in is None else d_in
+    return (rank, -(-in_features // d_in)), (-(-out_features // d_out), rank)
+
+
 def _shape(t):
     return tuple(t.shape)
 
@@ -46,7 +54,7 @@ def check_structured_delta_args(x, weight, bias, A, B, core, kernel, scaling, dr
     if A.dim() != 2 or A.shape[0] < 1:
         raise ValueError(f"A must be 2-D (rank >= 1, ⌈in/d⌉), got shape {_shape(A)}")
     rank = A.shape[0]
-    n_in, n_out = -(-in_features // d_in), -(-out_features // d_out)
+    (_, n_in), (n_out, _) = factor_shapes(in_features, out_features, rank, d_out, d_in)
     if _shape(A) != (rank, n_in):
         raise ValueError(f"A must have shape (rank, ⌈in_features/d⌉) = ({rank}, {n_in}), got {_shape(A)}")
     if _shape(B) != (n_out, rank):

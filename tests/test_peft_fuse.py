@@ -75,10 +75,10 @@ def test_fused_dropout_is_lora_on_the_seeded_mask():
     y = fused(x)
     torch.manual_seed(5)
     layer0, layer2 = fused.base_model.model[0], fused.base_model.model[2]
-    seed0 = new_seed()
+    mask0 = dropout_mask(x.shape, 0.25, new_seed(), x.device, x.dtype)
     h = reference.structured_delta_linear(x, layer0.base_layer.weight, layer0.base_layer.bias,
                                           layer0.lora_A["default"].weight, layer0.lora_B["default"].weight, None, None,
-                                          layer0.scaling["default"], dropout_mask(x.shape, 0.25, seed0, x.device, x.dtype))
+                                          layer0.scaling["default"], mask0)
     h = torch.nn.functional.gelu(h)
     seed2 = new_seed()
     want = reference.structured_delta_linear(h, layer2.base_layer.weight, layer2.base_layer.bias,
