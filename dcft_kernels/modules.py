@@ -308,7 +308,10 @@ class DeLoRALinear(AdaptedLinear):
         nn.init.zeros_(self.core)
 
     def _factors(self):
-        return self.A, self.B, self.core, None
+        # The frozen buffers follow the trained core's dtype: under FSDP2's mixed precision (or
+        # module.to()) parameters are cast and buffers are not.
+        dtype = self.core.dtype
+        return self.A.to(dtype), self.B.to(dtype), self.core, None
 
     def _adapter_repr(self):
         return f"rank={self.rank}, alpha={self.alpha:g}"

@@ -1,7 +1,8 @@
 """FSDP2 (``fully_shard``) over adapted layers: 2 CPU processes (gloo), each on half the batch,
 give the gradients and the optimiser step of one process on the whole batch, eagerly and under
-``torch.compile``, without FSDP2's warning about modules that return views; ``save_adapter``
-from the sharded model writes the unsharded model's file."""
+``torch.compile``, without FSDP2's warning about modules that return views, and within bf16's
+tolerance under a bf16 mixed-precision policy; ``save_adapter`` from the sharded model writes the
+unsharded model's file. (FSDP2's CPU offload policy needs an accelerator: not testable here.)"""
 import warnings
 
 import pytest
@@ -9,13 +10,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from distributed_helpers import WORLD, init_gloo, requires_gloo, spawn
+from helpers import TOLERANCE
 from torch import nn
 
 from dcft_kernels import DCFTLinear, DeLoRALinear, LoRALinear, inject_adapters, orthogonality_loss, save_adapter
 
 pytestmark = requires_gloo
 if dist.is_available():
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 def _mixed_model():
@@ -39,11 +41,11 @@ def _injected_model():
                            init="paper")
 
 
-def _shard(model):
+def _shard(model, **policy):
     for module in model:
         if any(p.requires_grad for p in module.parameters()):
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, **policy)
+    fully_shard(model, **policy)
     return model
 
 
@@ -79,6 +81,9 @@ def _worker(rank, store_path, out_dir):
     x, y = _data()
     shard = slice(rank * len(x) // WORLD, (rank + 1) * len(x) // WORLD)
     results = {compile: _train_step(_shard(_mixed_model()), x[shard], y[shard], compile) for compile in (False, True)}
+    # FSDP2 mixed precision: bf16 compute (DeLoRA's frozen fp32 buffers follow its bf16 core), fp32 reduce.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    results["bf16"] = _train_step(_shard(_mixed_model(), mp_policy=policy), x[shard], y[shard])
     save_adapter(_shard(_injected_model()), f"{out_dir}/adapter-rank{rank}")
     if rank == 0:
         torch.save(results, f"{out_dir}/results.pt")
@@ -92,6 +97,10 @@ def test_fsdp2_matches_single_process_and_saves_the_same_adapter(tmp_path):
     x, y = _data()
     want_grads, want_params, _ = _train_step(_mixed_model(), x, y)
     assert set(want_grads) == {"0.A", "0.B", "0.kernel", "2.A", "2.B", "4.core", "6.weight", "6.bias"}
+    bf16_grads, _, _ = sharded.pop("bf16")
+    for name, want in want_grads.items():
+        err = (bf16_grads[name].float() - want).abs().max() / want.abs().max()
+        assert err < TOLERANCE[torch.bfloat16], f"bf16 mixed precision: grad {name} off by {err:.2e} of its max"
     for compile, (grads, params, views) in sharded.items():
         # The plain nn.Linear head does return a view for a 3-D input (F.linear reshapes its 2-D
         # result), so the warning is seen; none of the adapted layers may.
