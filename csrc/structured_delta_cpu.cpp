@@ -26,14 +26,16 @@ namespace {
 
 constexpr int kPhiloxLanes = 16;
 
-// tl.rand(seed, offset + i) for i < kPhiloxLanes, the same stream as philox.h (CUDA), with the
-// rounds outside and the lanes inside so the compiler vectorises the 32×32→64-bit products.
-// Built for AVX2 and for the baseline, picked at run time (the package is compiled portable).
-__attribute__((target_clones("avx2", "default"))) void philox_uniform_lanes(int64_t seed, int64_t offset,
+// The dropout uniforms of elements 4·counter .. 4·counter + 4·kPhiloxLanes - 1: Philox-4x32-10 at
+// counters counter + i, each giving the four consecutive elements 4(counter + i) .. + 3 (the stream
+// of philox.h, dropout.py and tl.rand4x), with the rounds outside and the lanes inside so the
+// compiler vectorises the 32×32→64-bit products. Built for AVX2 and for the baseline, picked at
+// run time (the package is compiled portable).
+__attribute__((target_clones("avx2", "default"))) void philox_uniform_lanes(int64_t seed, int64_t counter,
                                                                            float* out) {
   uint32_t c0[kPhiloxLanes], c1[kPhiloxLanes], c2[kPhiloxLanes], c3[kPhiloxLanes];
   for (int i = 0; i < kPhiloxLanes; ++i) {
-    const uint64_t o = static_cast<uint64_t>(offset + i);
+    const uint64_t o = static_cast<uint64_t>(counter + i);
     c0[i] = static_cast<uint32_t>(o);
     c1[i] = static_cast<uint32_t>(o >> 32);
     c2[i] = 0;
@@ -54,10 +56,13 @@ __attribute__((target_clones("avx2", "default"))) void philox_uniform_lanes(int6
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
+  const uint32_t* words[4] = {c0, c1, c2, c3};
   for (int i = 0; i < kPhiloxLanes; ++i) {
-    int32_t v = static_cast<int32_t>(c0[i]);
-    v = v < 0 ? ~v : v;
-    out[i] = static_cast<float>(v) * 4.6566127342e-10f;
+    for (int w = 0; w < 4; ++w) {
+      int32_t v = static_cast<int32_t>(words[w][i]);
+      v = v < 0 ? ~v : v;
+      out[4 * i + w] = static_cast<float>(v) * 4.6566127342e-10f;
+    }
   }
 }
 
@@ -70,11 +75,13 @@ struct Dropout {
   void apply(int64_t offset, int64_t count, acc_t* values) const {
     const acc_t keep = static_cast<acc_t>(1.0 / (1.0 - p));
     const float threshold = static_cast<float>(p);
-    float u[kPhiloxLanes];
-    for (int64_t k0 = 0; k0 < count; k0 += kPhiloxLanes) {
-      philox_uniform_lanes(seed, offset + k0, u);
-      const int64_t lanes = std::min<int64_t>(kPhiloxLanes, count - k0);
-      for (int64_t i = 0; i < lanes; ++i) values[k0 + i] *= u[i] >= threshold ? keep : acc_t(0);
+    constexpr int64_t kWindow = 4 * kPhiloxLanes;  // elements per philox_uniform_lanes call
+    float u[kWindow];
+    const int64_t end = offset + count;
+    for (int64_t window = offset & ~int64_t(3); window < end; window += kWindow) {
+      philox_uniform_lanes(seed, window >> 2, u);
+      const int64_t first = std::max(window, offset), last = std::min(window + kWindow, end);
+      for (int64_t e = first; e < last; ++e) values[e - offset] *= u[e - window] >= threshold ? keep : acc_t(0);
     }
   }
 };

@@ -193,6 +193,15 @@ def triton_configs(kernel: str) -> list[triton.Config]:
 # ---- shared pieces ---------------------------------------------------------------------------------
 
 @triton.jit
+def _dropout_uniform(seed, offsets):
+    """The dropout uniform of each int64 element offset: word ``offset % 4`` of Philox at counter
+    ``offset // 4`` (the stream of dropout.py, the C++ and CUDA backends)."""
+    u0, u1, u2, u3 = tl.rand4x(seed, offsets >> 2)
+    lane = offsets & 3
+    return tl.where(lane == 0, u0, tl.where(lane == 1, u1, tl.where(lane == 2, u2, u3)))
+
+
+@triton.jit
 def _core_weight(c_ptr, i, j, RD, D: tl.constexpr, HAS_C: tl.constexpr):
     """fp32 tile ``C[i // D, j // D]`` over flat r·d indices (``[i // D == j // D]`` without a core)."""
     live = (i[:, None] < RD) & (j[None, :] < RD)
@@ -277,7 +286,7 @@ def shrink_kernel(
             in_v = (rows[:, None] < N) & (ks[None, :] < F)
             v = tl.load(v_ptr + rows64[:, None] * stride_vn + ks[None, :] * stride_vk, mask=in_v, other=0.0)
             if DROPOUT:
-                keep = tl.rand(seed, rows64[:, None] * F + ks[None, :]) >= p
+                keep = _dropout_uniform(seed, rows64[:, None] * F + ks[None, :]) >= p
                 v = tl.where(keep, v / (1.0 - p), 0.0).to(v.dtype)
             on_diag = (ks[:, None] % D == cols[None, :] % D) & (ks[:, None] < F) & (cols[None, :] < RD)
             s = tl.load(s_ptr + (cols[None, :] // D) * stride_sr + (ks[:, None] // D) * stride_sb, mask=on_diag,
@@ -339,7 +348,7 @@ def expand_kernel(
     acc = tl.dot(u, _expand_tile(p_ptr, cs, ms, RD, M, stride_pm, stride_pr, D), input_precision=PRECISION)
     acc = acc * scale
     if DROPOUT:
-        acc = tl.where(tl.rand(seed, rows64[:, None] * M + ms[None, :]) >= drop_p, acc / (1.0 - drop_p), 0.0)
+        acc = tl.where(_dropout_uniform(seed, rows64[:, None] * M + ms[None, :]) >= drop_p, acc / (1.0 - drop_p), 0.0)
     out = (rows[:, None] < N) & (ms[None, :] < M)
     y_ptrs = y_ptr + rows64[:, None] * stride_yn + ms[None, :] * stride_ym
     y = tl.load(y_ptrs, mask=out, other=0.0)
@@ -377,7 +386,7 @@ def factor_grad_kernel(
         r = tl.load(r_ptr + ns64[:, None] * stride_rn + fs[None, :] * stride_rf,
                     mask=in_n[:, None] & in_f[None, :], other=0.0)
         if DROPOUT:
-            r = tl.where(tl.rand(seed, ns64[:, None] * F + fs[None, :]) >= p, r / (1.0 - p), 0.0)
+            r = tl.where(_dropout_uniform(seed, ns64[:, None] * F + fs[None, :]) >= p, r / (1.0 - p), 0.0)
         acc = tl.dot(lt, r.to(tl.float32), acc, input_precision=PRECISION)
     if MIX:  # Σ_n (L·Mix)ᵀ R = Mixᵀ · Σ_n Lᵀ R
         acc = tl.dot(_mix_tile(c_ptr, k_ptr, cs, RD, D, HAS_C, HAS_K, True), acc, input_precision=PRECISION)
@@ -448,7 +457,7 @@ def gemm_with_delta_kernel(
                      input_precision=PRECISION)
         acc = acc * scale
         if DROPOUT:
-            acc = tl.where(tl.rand(seed, rows64[:, None] * N + cols[None, :]) >= drop_p, acc / (1.0 - drop_p),
+            acc = tl.where(_dropout_uniform(seed, rows64[:, None] * N + cols[None, :]) >= drop_p, acc / (1.0 - drop_p),
                            0.0)
 
     for k0 in range(0, K, BLOCK_K):
