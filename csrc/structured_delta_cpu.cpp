@@ -289,6 +289,7 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   at::parallel_for(0, N, token_grain(R, in, out), [&](int64_t begin, int64_t end) {
     auto& part = partials[at::get_thread_num()];
     std::vector<acc_t> gbuf(out), xbuf(in), dxrow(in), du(RD), dt(RD), u(RD), tmp(RD), lanes(lane_width(d));
+    std::vector<acc_t> keep(drop.on() ? in : 0);
     for (int64_t n = begin; n < end; ++n) {
       const acc_t* t = t_all + n * RD;
       const acc_t* g = load_row(gp, n, out, no_drop, gbuf.data());
@@ -315,14 +316,23 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
           }
       if (dx != nullptr || need_a) {
         f.mix_transposed(du.data(), dt.data(), tmp.data());  // dT = Cᵀ · dU · K
+        if (drop.on()) {  // the token's scaled keep-mask, drawn once for dA and dx
+          std::fill(keep.begin(), keep.end(), acc_t(1));
+          drop.apply(n * in, in, keep.data());
+        }
         if (need_a) {  // dA += dT · drop(X)ᵀ
-          const acc_t* xr = load_row(xp, n, in, drop, xbuf.data());
+          const acc_t* xr = load_row(xp, n, in, no_drop, xbuf.data());
+          if (drop.on()) {
+            for (int64_t i = 0; i < in; ++i) xbuf[i] = xr[i] * keep[i];
+            xr = xbuf.data();
+          }
           outer_row<kW>(part.dAexp.data(), in, xr, R, d, dt.data(), lanes.data());
         }
         if (dx != nullptr) {  // dx = drop'(Aᵀ · dT); the caller adds dy·W with one in-place GEMM
           std::fill(dxrow.begin(), dxrow.end(), acc_t(0));
           expand_row<kW>(dxrow.data(), in, Aexp, R, d, dt.data(), lanes.data());
-          if (drop.on()) drop.apply(n * in, in, dxrow.data());
+          if (drop.on())
+            for (int64_t i = 0; i < in; ++i) dxrow[i] *= keep[i];
           scalar_t* __restrict__ row = dxp + n * in;
           for (int64_t i = 0; i < in; ++i) row[i] = static_cast<scalar_t>(dxrow[i]);
         }

@@ -92,7 +92,7 @@ def _fused_lokr_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.get_base_layer()
     active = [a for a in self.active_adapters if a in self._available_adapters]
     if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-            or any(t.dtype != x.dtype for t in self._lokr_tensors(active[0]))):
+            or any(t.dtype != x.dtype for t in _lokr_tensors(self, active[0]))):
         return type(self).forward(self, x, *args, **kwargs)
     adapter = active[0]
     # PEFT's draws, in PEFT's order: the module-dropout coin (drawn in every training call), then
@@ -118,6 +118,7 @@ def _fused_lokr_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _lokr_tensors(layer, adapter):
+    """The LoKr factors of ``adapter`` and the base weight (their dtypes must match the input's)."""
     return [p[adapter] for p in (layer.lokr_w1, layer.lokr_w1_a, layer.lokr_w1_b, layer.lokr_w2, layer.lokr_w2_a,
                                  layer.lokr_w2_b) if adapter in p] + [layer.get_base_layer().weight]
 
@@ -171,8 +172,6 @@ def fuse_peft(model: nn.Module, backend: str = "auto") -> PeftFusion:
             continue
         setattr(module, _FUSED, backend)
         lokr = isinstance(module, PeftLoKrLinear)
-        if lokr:
-            module._lokr_tensors = types.MethodType(_lokr_tensors, module)
         module.forward = types.MethodType(_fused_lokr_forward if lokr else _fused_forward, module)
         report.fused.append(name)
     if not report.fused and not report.left_to_peft:
@@ -187,6 +186,5 @@ def unfuse_peft(model: nn.Module) -> list[str]:
         if hasattr(module, _FUSED):
             del module.forward
             delattr(module, _FUSED)
-            module.__dict__.pop("_lokr_tensors", None)
             restored.append(name)
     return restored
