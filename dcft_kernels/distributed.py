@@ -13,8 +13,10 @@ def full(t: torch.Tensor) -> torch.Tensor:
     """``t`` whole. A DTensor is all-gathered (a collective: every rank must call), differentiably:
     the gradient of the whole tensor flows back to this rank's shard."""
     if dist.is_available():
-        from torch.distributed.tensor import DTensor
-
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch < 2.5 kept it private
+            from torch.distributed._tensor import DTensor
         if isinstance(t, DTensor):
             return t.full_tensor()
     return t
