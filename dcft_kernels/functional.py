@@ -74,16 +74,15 @@ def structured_delta_linear(
     seed = 0 if seed is None else int(seed)
     if row_scale is not None:
         row_scale = row_scale.detach()
-    if name == "reference" and general:
+    if name == "reference":
         mask = dropout_mask(x.shape, p, seed, x.device, x.dtype) if p > 0.0 else None
-        return reference.kron_delta_linear(x, weight, bias, A, B, core, kernel, scaling, mask, order, row_scale,
-                                           activation)
+        if general:
+            return reference.kron_delta_linear(x, weight, bias, A, B, core, kernel, scaling, mask, order, row_scale,
+                                               activation)
+        return reference.structured_delta_linear(x, weight, bias, A, B, core, kernel, scaling, mask)
     if general:
         return torch_backend.general_linear(x, weight, bias, A, B, core, kernel, float(scaling), p, seed, order,
                                             row_scale, activation)
-    if name == "reference":
-        mask = dropout_mask(x.shape, p, seed, x.device, x.dtype) if p > 0.0 else None
-        return reference.structured_delta_linear(x, weight, bias, A, B, core, kernel, scaling, mask)
     return StructuredDeltaLinearFunction.apply(x, weight, bias, A, B, core, kernel, float(scaling), p, seed, name)
 
 

@@ -399,9 +399,8 @@ class LoKrLinear(AdaptedLinear):
         return {name: getattr(self, name) for name in names}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return F.linear(x, self.weight_out_in(), self.bias)
-        if self.training and self.module_dropout and torch.rand(()).item() < self.module_dropout:
+        skipped = self.training and self.module_dropout and torch.rand(()).item() < self.module_dropout
+        if self.merged or skipped:
             return F.linear(x, self.weight_out_in(), self.bias)
         row_scale = None
         if self.training and self.rank_dropout:
@@ -411,5 +410,6 @@ class LoKrLinear(AdaptedLinear):
         return self._adapted(x, row_scale)
 
     def _adapter_repr(self):
-        return (f"rank={self.rank}, alpha={self.alpha:g}, kernel={tuple(self._factors()[3].shape)}, "
+        kernel = (self.kernel.shape if hasattr(self, "kernel") else (self.kernel_a.shape[0], self.kernel_b.shape[1]))
+        return (f"rank={self.rank}, alpha={self.alpha:g}, kernel={tuple(kernel)}, "
                 f"B·A={tuple(self.B.shape)}×{tuple(self.A.shape)}")

@@ -1,7 +1,10 @@
 """Random problems and comparisons against reference.py, shared by the test files."""
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -86,3 +89,17 @@ def check_against_reference(problem: Problem, run, dtype, p=0.0, seed=0):
              if t is not None and t.requires_grad]
     for name, got, want in zip(names, grads, ref_grads):
         assert_close_to_reference(got, want, dtype, f"d{name}")
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def load_example(filename: str):
+    """Import ``examples/<filename>`` as a module (registered in sys.modules, so its
+    dataclasses and pickling work), for tests that call its functions."""
+    name = os.path.splitext(filename)[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, filename))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

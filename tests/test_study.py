@@ -1,24 +1,17 @@
 """examples/sentiment_study.py: its data handling and statistics, and a tiny run end to end."""
 import importlib.util
 import json
-import os
-import sys
 
 import pytest
+from helpers import load_example
 
 pytest.importorskip("transformers")
 pytest.importorskip("scipy")
 
-STUDY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "sentiment_study.py")
-
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("sentiment_study", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sentiment_study"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("sentiment_study.py")
 
 
 def test_duplicates_kept_once_and_conflicting_labels_dropped(study, tmp_path):
