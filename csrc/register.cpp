@@ -1,4 +1,4 @@
-// Operator schemas: torch.ops.dcft_kernels.cpp_forward / cpp_backward (visible to torch.compile).
+// Operator schemas: torch.ops.dcft_kernels.cpp_* (visible to torch.compile).
 // The dropout seed is a SymInt: under torch.compile it is drawn afresh on every call of the graph.
 #include "structured_delta.h"
 
@@ -10,4 +10,8 @@ TORCH_LIBRARY(dcft_kernels, m) {
       "cpp_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor A, Tensor B, Tensor? core, Tensor? kernel, "
       "Tensor T, float scaling, float p, SymInt seed, bool need_x, bool need_a, bool need_b, bool need_c, "
       "bool need_k) -> Tensor[]");
+  // The primitives of dcft_kernels/plan.py (DCFT layout, any d), for the cases cpp_forward does not fuse.
+  m.def("cpp_shrink(Tensor v, Tensor M, int d, float scale, float p, SymInt seed) -> Tensor");
+  m.def("cpp_expand_(Tensor(a!) out, Tensor U, Tensor M, float scale, float p, SymInt seed) -> ()");
+  m.def("cpp_reduce(Tensor v, Tensor U, int blocks, float p, SymInt seed) -> Tensor");
 }

@@ -454,7 +454,121 @@ std::vector<at::Tensor> structured_delta_backward_cpu(
   return {dx, dA, dB, dC, dK};
 }
 
+// ---- the plan's primitives (dcft_kernels/plan.py), for the cases the fused pass does not cover --------
+//
+// The DCFT layout with any d: feature i·d + j is block i, position j. M is (blocks, R), expanded once
+// per call to one value per feature (Mexp[r][k] = M[k / d][r]), so the per-token loops above apply.
+
+namespace {
+
+template <typename acc_t>
+at::Tensor expand_factor(const at::Tensor& M, int64_t d, int64_t F) {
+  return M.t().to(c10::CppTypeToScalarType<acc_t>::value).repeat_interleave(d, 1).narrow(1, 0, F).contiguous();
+}
+
+template <typename Body>
+void with_lane_width(int64_t d, Body&& body) {
+  if (32 % d == 0)
+    body(std::integral_constant<int64_t, 32>{});
+  else
+    body(std::integral_constant<int64_t, 0>{});
+}
+
+at::Tensor shrink_cpu(const at::Tensor& v_in, const at::Tensor& M, int64_t d, double scale, double p,
+                      c10::SymInt seed_sym) {
+  const auto v = v_in.contiguous();
+  const int64_t N = v.size(0), F = v.size(1), R = M.size(1);
+  TORCH_CHECK(M.size(0) * d >= F, "dcft_kernels cpp_shrink: M has too few blocks for the features");
+  const Dropout drop{p, seed_sym.expect_int()};
+  auto T = at::empty({N, R, d}, v.options().dtype(at::toOpMathType(v.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "cpp_shrink", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto Mexp = expand_factor<acc_t>(M, d, F);
+    const acc_t* mp = Mexp.data_ptr<acc_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    acc_t* tp = T.data_ptr<acc_t>();
+    with_lane_width(d, [&](auto lanes_w) {
+      at::parallel_for(0, N, token_grain(R, F, 0), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buf(F), lanes(lane_width(d));
+        for (int64_t n = begin; n < end; ++n) {
+          acc_t* t = tp + n * R * d;
+          shrink_row<decltype(lanes_w)::value>(load_row(vp, n, F, drop, buf.data()), F, mp, R, d, t, lanes.data());
+          for (int64_t c = 0; c < R * d; ++c) t[c] *= static_cast<acc_t>(scale);
+        }
+      });
+    });
+  });
+  return T;
+}
+
+void expand_cpu_(at::Tensor& out, const at::Tensor& U_in, const at::Tensor& M, double scale, double p,
+                 c10::SymInt seed_sym) {
+  TORCH_CHECK(out.is_contiguous(), "dcft_kernels cpp_expand_: out must be contiguous");
+  const auto U = U_in.contiguous();
+  const int64_t N = out.size(0), F = out.size(1), R = U.size(1), d = U.size(2);
+  TORCH_CHECK(U.size(0) == N && M.size(1) == R && M.size(0) * d >= F, "dcft_kernels cpp_expand_: shapes disagree");
+  TORCH_CHECK(U.scalar_type() == at::toOpMathType(out.scalar_type()), "dcft_kernels cpp_expand_: U must be in the accumulation dtype");
+  const Dropout drop{p, seed_sym.expect_int()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "cpp_expand_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto Mexp = expand_factor<acc_t>(M, d, F);
+    const acc_t* mp = Mexp.data_ptr<acc_t>();
+    const acc_t* up = U.data_ptr<acc_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    with_lane_width(d, [&](auto lanes_w) {
+      at::parallel_for(0, N, token_grain(R, 0, F), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> delta(F), u(R * d), lanes(lane_width(d));
+        for (int64_t n = begin; n < end; ++n) {
+          for (int64_t c = 0; c < R * d; ++c) u[c] = up[n * R * d + c] * static_cast<acc_t>(scale);
+          std::fill(delta.begin(), delta.end(), acc_t(0));
+          expand_row<decltype(lanes_w)::value>(delta.data(), F, mp, R, d, u.data(), lanes.data());
+          if (drop.on()) drop.apply(n * F, F, delta.data());
+          scalar_t* __restrict__ row = op + n * F;
+          for (int64_t k = 0; k < F; ++k) row[k] = static_cast<scalar_t>(static_cast<acc_t>(row[k]) + delta[k]);
+        }
+      });
+    });
+  });
+}
+
+at::Tensor reduce_cpu(const at::Tensor& v_in, const at::Tensor& U_in, int64_t blocks, double p, c10::SymInt seed_sym) {
+  const auto v = v_in.contiguous();
+  const auto U = U_in.contiguous();
+  const int64_t N = v.size(0), F = v.size(1), R = U.size(1), d = U.size(2);
+  TORCH_CHECK(U.size(0) == N && blocks * d >= F, "dcft_kernels cpp_reduce: shapes disagree");
+  TORCH_CHECK(U.scalar_type() == at::toOpMathType(v.scalar_type()), "dcft_kernels cpp_reduce: U must be in the accumulation dtype");
+  const Dropout drop{p, seed_sym.expect_int()};
+  at::Tensor total;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "cpp_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const acc_t* up = U.data_ptr<acc_t>();
+    // One thread's share of Σ_n U[n][r][k % d] · drop(v)[n][k] per feature, summed once at the end.
+    std::vector<std::vector<acc_t>> partials(at::get_num_threads(), std::vector<acc_t>(R * F, acc_t(0)));
+    with_lane_width(d, [&](auto lanes_w) {
+      at::parallel_for(0, N, token_grain(R, F, 0), [&](int64_t begin, int64_t end) {
+        auto& part = partials[at::get_thread_num()];
+        std::vector<acc_t> buf(F), lanes(lane_width(d));
+        for (int64_t n = begin; n < end; ++n)
+          outer_row<decltype(lanes_w)::value>(part.data(), F, load_row(vp, n, F, drop, buf.data()), R, d,
+                                              up + n * R * d, lanes.data());
+      });
+    });
+    auto G = at::zeros({R, F}, U.options());
+    acc_t* gp = G.data_ptr<acc_t>();
+    for (const auto& part : partials)
+      for (int64_t i = 0; i < R * F; ++i) gp[i] += part[i];
+    total = fold_expanded(G, d, blocks).t().contiguous();
+  });
+  return total;
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(dcft_kernels, CPU, m) {
+  m.impl("cpp_shrink", &shrink_cpu);
+  m.impl("cpp_expand_", &expand_cpu_);
+  m.impl("cpp_reduce", &reduce_cpu);
   m.impl("cpp_forward", &structured_delta_forward_cpu);
   m.impl("cpp_backward", &structured_delta_backward_cpu);
 }

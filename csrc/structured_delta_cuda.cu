@@ -1,11 +1,11 @@
-// CUDA implementation of the structured-delta op (see structured_delta_cpu.cpp for the math).
+// CUDA primitives of the structured-delta op's plan (dcft_kernels/plan.py; the math: docs/design.md).
 //
-// cuBLAS (through ATen) does the base GEMMs; three small kernels do the adapter without ever
-// building ΔW:
+// cuBLAS (through ATen, in the plan) does the base GEMMs; three small kernels do the adapter
+// without ever building ΔW:
 //   shrink_kernel         T[n][r][j] = scale · Σ_{k ≡ j (mod d)} S[r][k / d] · v[n][k]   (one block per token)
 //   expand_kernel         out[n][m] += scale · mask · Σ_r P[m / d][r] · V[n][r][m % d]
 //   column_reduce_kernel  G[r][k]  = Σ_n V[n][r][k % d] · mask · M[n][k]                (factor gradients)
-// and the tiny per-token mixes (C·T·Kᵀ and its transpose) are batched ATen matmuls on
+// and the tiny per-token mixes (C·σ(T)·Kᵀ and its backward) are the plan's batched torch matmuls on
 // (tokens, r, d) tensors. Dropout is Philox from the seed, the same stream as Triton's tl.rand.
 #include "structured_delta.h"
 #include "philox.h"
@@ -189,83 +189,48 @@ at::Tensor column_reduce(const at::Tensor& V, const at::Tensor& M, int64_t block
   return padded.view({R, blocks, d}).sum(2);
 }
 
-// U = C · T · Kᵀ per token on (N, R, d); transposed: Cᵀ · T · K.
-at::Tensor mix(const at::Tensor& T, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
-               bool transposed) {
-  at::Tensor out = T;
-  if (kernel.has_value()) {
-    auto k = kernel->to(T.scalar_type());
-    out = at::matmul(out, transposed ? k : k.t());
-  }
-  if (core.has_value()) {
-    auto c = core->to(T.scalar_type());
-    out = at::matmul(transposed ? c.t() : c, out);
-  }
+}  // namespace
+
+// The plan's primitives (dcft_kernels/plan.py) on the kernels above; the tiny per-token mix between
+// them is torch's, in the plan.
+at::Tensor shrink_cuda(const at::Tensor& v_in, const at::Tensor& M, int64_t d, double scale, double p,
+                       c10::SymInt seed_sym) {
+  const int64_t seed = seed_sym.expect_int();  // concrete by the time a kernel runs
+  const c10::cuda::CUDAGuard guard(v_in.device());
+  const auto v = v_in.contiguous();
+  at::Tensor T;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "cpp_shrink_cuda", [&] {
+    T = shrink<scalar_t>(v, M.t(), d, scale, p, seed);
+  });
+  return T;
+}
+
+void expand_cuda_(at::Tensor& out, const at::Tensor& U, const at::Tensor& M, double scale, double p,
+                  c10::SymInt seed_sym) {
+  const int64_t seed = seed_sym.expect_int();
+  const c10::cuda::CUDAGuard guard(out.device());
+  TORCH_CHECK(out.is_contiguous(), "dcft_kernels cpp_expand_: out must be contiguous");
+  TORCH_CHECK(U.scalar_type() == at::toOpMathType(out.scalar_type()), "dcft_kernels cpp_expand_: U must be in the accumulation dtype");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "cpp_expand_cuda", [&] {
+    expand_<scalar_t>(out, U.contiguous(), M, scale, p, seed);
+  });
+}
+
+at::Tensor reduce_cuda(const at::Tensor& v_in, const at::Tensor& U, int64_t blocks, double p, c10::SymInt seed_sym) {
+  const int64_t seed = seed_sym.expect_int();
+  const c10::cuda::CUDAGuard guard(v_in.device());
+  TORCH_CHECK(U.scalar_type() == at::toOpMathType(v_in.scalar_type()), "dcft_kernels cpp_reduce: U must be in the accumulation dtype");
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v_in.scalar_type(), "cpp_reduce_cuda", [&] {
+    out = column_reduce<scalar_t>(U.contiguous(), v_in.contiguous(), blocks, p, seed).t().contiguous();
+  });
   return out;
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cuda(
-    const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& A,
-    const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
-    double scaling, double p, c10::SymInt seed_sym) {
-  const int64_t seed = seed_sym.expect_int();  // concrete by the time a kernel runs
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const int64_t d = kernel.has_value() ? kernel->size(0) : 1;
-  auto y = at::linear(x, weight, bias).contiguous();
-  at::Tensor T;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "structured_delta_forward_cuda", [&] {
-    T = shrink<scalar_t>(x, A.contiguous(), d, 1.0, p, seed);
-    const auto U = mix(T, core, kernel, /*transposed=*/false).contiguous();
-    expand_<scalar_t>(y, U, B.contiguous(), scaling, 0.0, seed);
-  });
-  return {y, T.view({x.size(0), -1})};
-}
-
-std::vector<at::Tensor> structured_delta_backward_cuda(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& A,
-    const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
-    const at::Tensor& T_flat, double scaling, double p, c10::SymInt seed_sym, bool need_x, bool need_a, bool need_b,
-    bool need_c, bool need_k) {
-  const int64_t seed = seed_sym.expect_int();  // concrete by the time a kernel runs
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto grad_y = grad_y_in.contiguous();
-  const int64_t R = A.size(0), d = kernel.has_value() ? kernel->size(0) : 1;
-  const auto T = T_flat.view({x.size(0), R, d});
-  auto empty = [&] { return at::empty({0}, x.options()); };
-  at::Tensor dx = empty(), dA = empty(), dB = empty(), dC = empty(), dK = empty();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "structured_delta_backward_cuda", [&] {
-    const auto dU = shrink<scalar_t>(grad_y, B.t(), d, scaling, 0.0, seed);  // s · Bᵀ · G
-    if (need_b) {
-      const auto U = mix(T, core, kernel, false).mul(scaling).contiguous();
-      dB = column_reduce<scalar_t>(U, grad_y, B.size(0), 0.0, seed).t().contiguous().to(B.scalar_type());
-    }
-    if (need_c && core.has_value()) {
-      const auto dUK = kernel.has_value() ? at::matmul(dU, kernel->to(dU.scalar_type())) : dU;
-      dC = at::einsum("nrj,nsj->rs", {dUK, T}).to(core->scalar_type());
-    }
-    if (need_k && kernel.has_value()) {
-      const auto CT = core.has_value() ? at::matmul(core->to(T.scalar_type()), T) : T;
-      dK = at::einsum("nre,nrj->ej", {dU, CT}).to(kernel->scalar_type());
-    }
-    if (need_x || need_a) {
-      const auto dT = mix(dU, core, kernel, /*transposed=*/true).contiguous();  // Cᵀ · dU · K
-      if (need_a) dA = column_reduce<scalar_t>(dT, x, A.size(1), p, seed).to(A.scalar_type());
-      if (need_x) {
-        dx = at::mm(grad_y, weight);
-        expand_<scalar_t>(dx, dT, A.t(), 1.0, p, seed);
-      }
-    }
-  });
-  return {dx, dA, dB, dC, dK};
-}
-
 TORCH_LIBRARY_IMPL(dcft_kernels, CUDA, m) {
-  m.impl("cpp_forward", &structured_delta_forward_cuda);
-  m.impl("cpp_backward", &structured_delta_backward_cuda);
+  m.impl("cpp_shrink", &shrink_cuda);
+  m.impl("cpp_expand_", &expand_cuda_);
+  m.impl("cpp_reduce", &reduce_cuda);
 }
 
 }  // namespace dcft_kernels

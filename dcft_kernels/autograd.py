@@ -1,7 +1,7 @@
 """The autograd.Function of the structured-delta op, and backend dispatch.
 
 Saved for backward: ``x`` (a reference, never a copy), the frozen/trainable
-factors, and the small fp32 ``T`` (tokens × r × d). ΔW is never built, and the
+factors, and the small fp32 ``T`` (tokens × r × d_in). ΔW is never built, and the
 dropout mask is regenerated from its seed instead of being stored.
 """
 from __future__ import annotations
@@ -12,6 +12,8 @@ import warnings
 from functools import lru_cache
 
 import torch
+
+from . import plan
 
 BACKENDS = ("auto", "torch", "triton", "cpp", "reference")
 _OP_MODULES = {"torch": "torch_backend", "triton": "triton_backend", "cpp": "cpp_backend"}
@@ -70,15 +72,25 @@ def resolve_backend(name: str, device_type: str) -> str:
 
 
 class StructuredDeltaLinearFunction(torch.autograd.Function):
-    """``y = x Wᵀ + b + s · drop(x) ((B·C·A) ⊗ K)ᵀ`` with exact gradients for every input."""
+    """``y = x Wᵀ + b + s · row_scale ⊙ drop(x) ΔWᵀ`` with exact gradients for every input.
+
+    Runs the backend's fused override where it declares one for the call, else the plan
+    (``plan.py``) over the backend's primitives."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, core, kernel, scaling, p, seed, backend):
+    def forward(ctx, x, weight, bias, A, B, core, kernel, row_scale, scaling, p, seed, order, activation, backend):
         ops = _OPS[backend]
-        y, T = ops.forward(x.reshape(-1, x.shape[-1]), weight, bias, A, B, core, kernel, scaling, p, seed)
+        x2d = x.reshape(-1, x.shape[-1])
+        fused = hasattr(ops, "fuses") and ops.fuses(x2d, A, kernel, order, activation, row_scale)
+        if fused:
+            y, T = ops.forward(x2d, weight, bias, A, B, core, kernel, scaling, p, seed)
+        else:
+            y, T = plan.forward(ops, x2d, weight, bias, A, B, core, kernel, row_scale, scaling, p, seed, order,
+                                activation)
         # x itself, not its 2-D view: a non-contiguous x would be copied by reshape.
-        ctx.save_for_backward(x, weight, A, B, core, kernel, T)
-        ctx.scaling, ctx.p, ctx.seed, ctx.backend = scaling, p, seed, backend
+        ctx.save_for_backward(x, weight, A, B, core, kernel, row_scale, T)
+        ctx.scaling, ctx.p, ctx.seed, ctx.order, ctx.activation = scaling, p, seed, order, activation
+        ctx.backend, ctx.fused = backend, fused
         # Not a view of y (without copying it), for any leading dims: FSDP2 and in-place residual adds
         # need a plain output (nn.Linear itself returns a view for 3-D inputs). detach() makes an
         # alias that autograd does not track as a view.
@@ -86,17 +98,21 @@ class StructuredDeltaLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, A, B, core, kernel, T = ctx.saved_tensors
+        x, weight, A, B, core, kernel, row_scale, T = ctx.saved_tensors
         x2d = x.reshape(-1, x.shape[-1])
         grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
         need_x, need_w, need_bias, need_a, need_b, need_c, need_k = ctx.needs_input_grad[:7]
-        dx, dA, dB, dC, dK = _OPS[ctx.backend].backward(
-            grad_y2d, x2d, weight, A, B, core, kernel, T, ctx.scaling, ctx.p, ctx.seed,
-            (need_x, need_a, need_b, need_c, need_k),  # False for an absent core or kernel
-        )
+        needs = (need_x, need_a, need_b, need_c, need_k)  # False for an absent core or kernel
+        ops = _OPS[ctx.backend]
+        if ctx.fused:
+            grads = ops.backward(grad_y2d, x2d, weight, A, B, core, kernel, T, ctx.scaling, ctx.p, ctx.seed, needs)
+        else:
+            grads = plan.backward(ops, grad_y2d, x2d, weight, A, B, core, kernel, row_scale, T, ctx.scaling, ctx.p,
+                                  ctx.seed, ctx.order, ctx.activation, needs)
+        dx, dA, dB, dC, dK = grads
         if dx is not None:
             dx = dx.reshape(x.shape)
         # The frozen-weight path is a plain linear layer: the same on every backend.
         dW = grad_y2d.T @ x2d if need_w else None
         db = grad_y2d.sum(0) if need_bias else None
-        return dx, dW, db, dA, dB, dC, dK, None, None, None, None
+        return dx, dW, db, dA, dB, dC, dK, None, None, None, None, None, None, None

@@ -10,7 +10,7 @@ import torch
 from . import reference
 from .autograd import StructuredDeltaLinearFunction, resolve_backend
 from .dropout import dropout_mask, new_seed
-from .ops import torch_backend
+from .plan import is_plain_dcft
 from .validation import check_structured_delta_args
 
 
@@ -50,9 +50,10 @@ def structured_delta_linear(
         activation: None, "tanh", "relu" or "gelu" on T between the A and B products (MPC_n):
             ``U = C·σ(T)·Kᵀ``; ΔW then depends on the input and cannot be merged.
 
-    The fused Triton and C++ kernels compute the DCFT order with a square kernel; the LoKr order,
-    a rectangular kernel, ``row_scale`` and ``activation`` run on the torch backend ("auto" picks
-    it), whose backward autograd derives.
+    Every backend computes every case. The C++ CPU pass and the Triton kernels fuse the mix into
+    their token passes for the DCFT order with a square kernel and neither ``row_scale`` nor
+    ``activation``; the other cases run the backend's shrink, expand and reduce primitives with the
+    tiny per-token mix in torch between them (``plan.py``).
     """
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         # Mixed precision: run in the autocast dtype like F.linear does; grads flow back in the
@@ -62,12 +63,7 @@ def structured_delta_linear(
             t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
             for t in (x, weight, bias, A, B, core, kernel))
     check_structured_delta_args(x, weight, bias, A, B, core, kernel, scaling, dropout, order, row_scale, activation)
-    general = (order != "dcft" or row_scale is not None or activation is not None
-               or (kernel is not None and kernel.shape[0] != kernel.shape[1]))
-    if general and backend not in ("auto", "torch", "reference"):
-        raise ValueError(f"backend={backend!r} computes the DCFT order with a square kernel only; order='lokr', a "
-                         "rectangular kernel, row_scale and activation run on backend='torch' (or 'auto')")
-    name = "torch" if general and backend != "reference" else resolve_backend(backend, x.device.type)
+    name = resolve_backend(backend, x.device.type)
     p = float(dropout)
     if p > 0.0 and seed is None:
         seed = new_seed()
@@ -76,14 +72,12 @@ def structured_delta_linear(
         row_scale = row_scale.detach()
     if name == "reference":
         mask = dropout_mask(x.shape, p, seed, x.device, x.dtype) if p > 0.0 else None
-        if general:
-            return reference.kron_delta_linear(x, weight, bias, A, B, core, kernel, scaling, mask, order, row_scale,
-                                               activation)
-        return reference.structured_delta_linear(x, weight, bias, A, B, core, kernel, scaling, mask)
-    if general:
-        return torch_backend.general_linear(x, weight, bias, A, B, core, kernel, float(scaling), p, seed, order,
-                                            row_scale, activation)
-    return StructuredDeltaLinearFunction.apply(x, weight, bias, A, B, core, kernel, float(scaling), p, seed, name)
+        if is_plain_dcft(order, kernel, activation, row_scale):
+            return reference.structured_delta_linear(x, weight, bias, A, B, core, kernel, scaling, mask)
+        return reference.kron_delta_linear(x, weight, bias, A, B, core, kernel, scaling, mask, order, row_scale,
+                                           activation)
+    return StructuredDeltaLinearFunction.apply(x, weight, bias, A, B, core, kernel, row_scale, float(scaling), p, seed,
+                                               order, activation, name)
 
 
 def dcft_linear(x, weight, bias, A, B, kernel, *, scaling=1.0, dropout=0.0, seed=None, backend="auto"):

@@ -69,8 +69,6 @@ class AdaptedLinear(nn.Module):
         super().__init__()
         if activation is not None and activation not in ACTIVATIONS:
             raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
-        if activation is not None and backend not in ("auto", "torch", "reference"):
-            raise ValueError(f"activation={activation!r} runs on backend 'torch' or 'auto', not {backend!r}")
         self.activation = activation
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)

@@ -150,7 +150,8 @@ def fuse_peft(model: nn.Module, backend: str = "auto") -> PeftFusion:
     ``nn.Linear`` and GPT-2's ``Conv1D`` bases are fused. Returns a :class:`PeftFusion` naming the
     fused layers and, for every PEFT LoRA layer left to PEFT (DoRA and other variants, quantised
     bases, LoRA bias, embedding and conv layers), the reason.
-    LoKr layers run the LoKr order on the torch backend (the fused kernels compute the DCFT order).
+    LoKr layers run the LoKr order through the backend's primitives (the fused whole-layer passes
+    cover the DCFT order only).
     Raises ``ImportError`` without peft, ``ValueError`` when ``model`` has no PEFT LoRA or LoKr layer.
     """
     from peft.tuners.lokr.layer import Linear as PeftLoKrLinear

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import FUSED_BACKENDS
 from torch import nn
 
 from dcft_kernels import (
@@ -118,9 +119,10 @@ def test_lokr_inject_save_load_merge(tmp_path):
 @pytest.mark.parametrize("cls,kw", [(DCFTLinear, {"kernel_size": 4, "rank": 2, "init": "paper"}),
                                     (LoKrLinear, {"rank": 2})])
 @pytest.mark.parametrize("activation", ["tanh", "relu", "gelu"])
-def test_mpc_n_activation_on_modules(cls, kw, activation):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_mpc_n_activation_on_modules(cls, kw, activation, backend):
     torch.manual_seed(0)
-    layer = cls(20, 12, activation=activation, **kw)
+    layer = cls(20, 12, activation=activation, backend=backend, **kw)
     for p in layer.parameters():
         if p.requires_grad:
             nn.init.normal_(p, std=0.3)
@@ -142,5 +144,3 @@ def test_bad_lokr_options():
         LoKrLinear(8, 8, rank_dropout=1.0)
     with pytest.raises(ValueError, match="activation must be None or one of"):
         LoKrLinear(8, 8, activation="swish")
-    with pytest.raises(ValueError, match="runs on backend 'torch' or 'auto'"):
-        DCFTLinear(8, 8, kernel_size=2, activation="tanh", backend="cpp")

@@ -188,3 +188,33 @@ def test_bad_input_is_refused():
         fuse_peft(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(ValueError, match="backend must be one of"):
         fuse_peft(_peft_model(), backend="cuda")
+
+
+def test_trainer_trains_a_fused_model_as_peft_does(tmp_path):
+    """transformers.Trainer around a fused PEFT model: the same LoRA weights after a few steps as
+    PEFT's own model, and they moved."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 12),
+                                                                       generator=torch.Generator().manual_seed(0))]
+
+    def train(fuse):
+        torch.manual_seed(0)
+        model = get_peft_model(transformers.GPT2LMHeadModel(config), LoraConfig(r=4, lora_alpha=8))
+        _randomise_b(model)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if fuse:
+            assert fuse_peft(model).fused
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(fuse)), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+            use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
+        transformers.Trainer(model=model, args=args, train_dataset=data).train()
+        return before, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    (before, fused), (_, peft_own) = train(True), train(False)
+    assert fused.keys() == peft_own.keys() and len(fused) == 2
+    for name in fused:
+        torch.testing.assert_close(fused[name], peft_own[name], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(fused[name], before[name])

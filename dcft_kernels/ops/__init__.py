@@ -1,13 +1,18 @@
 """Backends of the one structured-delta op.
 
-Each backend module exposes the same two functions over 2-D inputs:
+Each backend module provides the primitives that ``plan.py`` composes into the op's forward and
+backward, over 2-D token-major tensors in the DCFT layout (feature ``i·d + j``)::
 
-``forward(x, weight, bias, A, B, core, kernel, scaling, p, seed) -> (y, T)``
-    ``y = x Wᵀ + b + scaling · drop(x) ΔWᵀ`` with ΔW = (B·C·A) ⊗ K cropped, and
-    the small fp32 ``T = A · X`` (tokens × r × d) that backward needs.
+    shrink(v, M, d, scale, p, seed) -> (N, r, d)      T = scale · Mᵀ ⊛ drop(v)
+    expand_(out, U, M, scale, p, seed)                 out += scale · drop(M ⊛ U), in place
+    reduce(v, U, blocks, p, seed) -> (blocks, r)       Σ_n drop(v) ⊛ U
+    round_once(x) -> bool                              fp16/bf16 computed in fp32 and rounded once
 
-``backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad)``
-    returns ``(dx, dA, dB, dC, dK)`` for ``needs_grad = (x, A, B, core, kernel)``
-    flags; entries whose flag is False are None. The weight and bias gradients
-    are the same for every backend and live in ``autograd.py``.
+and may declare a fused override of the whole layer, for the calls where it fuses passes::
+
+    fuses(x, A, kernel, order, activation, row_scale) -> bool
+    forward(x, weight, bias, A, B, core, kernel, scaling, p, seed) -> (y, T)
+    backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad) -> (dx, dA, dB, dC, dK)
+
+The weight and bias gradients are the same for every backend and live in ``autograd.py``.
 """

@@ -13,6 +13,8 @@ from functools import lru_cache
 
 import torch
 
+from ..plan import is_plain_dcft
+
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), "csrc")
 CPU_SOURCES = ["register.cpp", "structured_delta_cpu.cpp"]
@@ -62,6 +64,18 @@ def _register_fakes() -> None:
 
         return [maybe(need_x, x), maybe(need_a, A), maybe(need_b, B), maybe(need_c, core), maybe(need_k, kernel)]
 
+    @torch.library.register_fake("dcft_kernels::cpp_shrink")
+    def _(v, M, d, scale, p, seed):
+        return v.new_empty(v.shape[0], M.shape[1], d, dtype=torch.promote_types(v.dtype, torch.float32))
+
+    @torch.library.register_fake("dcft_kernels::cpp_expand_")
+    def _(out, U, M, scale, p, seed):
+        return None
+
+    @torch.library.register_fake("dcft_kernels::cpp_reduce")
+    def _(v, U, blocks, p, seed):
+        return U.new_empty(blocks, U.shape[1])
+
 
 def is_available() -> bool:
     """Loads (building if needed) the extension; raises with the reason when it cannot."""
@@ -70,7 +84,7 @@ def is_available() -> bool:
 
 
 def has_cuda_kernels() -> bool:
-    return is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("dcft_kernels::cpp_forward", "CUDA")
+    return is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("dcft_kernels::cpp_shrink", "CUDA")
 
 
 def _check_device(x):
@@ -79,11 +93,35 @@ def _check_device(x):
                            "(needs a CUDA toolkit and a CUDA build of torch); use backend='triton' or 'torch'")
 
 
+# ---- the fused override: one per-token pass on the CPU -------------------------------------------------
+
+def fuses(x, A, kernel, order, activation, row_scale) -> bool:
+    return x.device.type == "cpu" and is_plain_dcft(order, kernel, activation, row_scale)
+
+
 def forward(x, weight, bias, A, B, core, kernel, scaling, p, seed):
-    _check_device(x)
     return torch.ops.dcft_kernels.cpp_forward(x, weight, bias, A, B, core, kernel, scaling, p, seed)
 
 
 def backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad):
     outs = torch.ops.dcft_kernels.cpp_backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, *needs_grad)
     return tuple(out if flag else None for out, flag in zip(outs, needs_grad))
+
+
+# ---- the plan's primitives (CPU loops, or the CUDA kernels) -------------------------------------------
+
+def round_once(x) -> bool:
+    return x.device.type == "cpu"  # as the fused CPU pass does
+
+
+def shrink(v, M, d, scale, p, seed):
+    _check_device(v)
+    return torch.ops.dcft_kernels.cpp_shrink(v, M, d, scale, p, seed)
+
+
+def expand_(out, U, M, scale, p, seed):
+    torch.ops.dcft_kernels.cpp_expand_(out, U, M, scale, p, seed)
+
+
+def reduce(v, U, blocks, p, seed):
+    return torch.ops.dcft_kernels.cpp_reduce(v, U, blocks, p, seed)

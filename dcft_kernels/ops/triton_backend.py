@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 from torch.library import triton_op, wrap_triton
 
+from ..plan import is_plain_dcft
 from . import torch_backend
 from . import triton_kernels as tk
 from .triton_kernels import INTERPRET, MAX_RD, MAX_RD_BLOCKED, dot_precision, rd_block, small_block
@@ -202,6 +203,51 @@ def triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return [dx, flat]
 
 
+@triton_op("dcft_kernels::triton_shrink", mutates_args=())
+def triton_shrink(v: torch.Tensor, M: torch.Tensor, d: int, scale: float, p: float, seed: int) -> torch.Tensor:
+    """``T (N, r·d) = scale · Mᵀ ⊛ drop(v)``: the shrink kernel without its mix epilogue."""
+    N, n_feat = v.shape
+    rd = M.shape[1] * d
+    t = torch.empty(N, rd, device=v.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    wrap_triton(tk.shrink_kernel)[grid](
+        v, M, t, t, t, t, t, t, t, t, N, n_feat, rd, seed, p, scale, v.stride(0), v.stride(1),
+        M.stride(1), M.stride(0),
+        **shrink_meta(d, M.shape[1], v.dtype, has_c=False, has_k=False, backward=False, dropout=p > 0.0))
+    return t
+
+
+@triton_op("dcft_kernels::triton_expand_", mutates_args=("out",))
+def triton_expand_(out: torch.Tensor, u: torch.Tensor, M: torch.Tensor, d: int, scale: float, p: float,
+                   seed: int) -> None:
+    _expand_(out, u, M, d, scale=scale, p=p, seed=seed)
+
+
+@triton_op("dcft_kernels::triton_reduce", mutates_args=())
+def triton_reduce(v: torch.Tensor, u: torch.Tensor, blocks: int, d: int, p: float, seed: int) -> torch.Tensor:
+    """``(blocks, r)``: the factor-gradient kernel per token split, the splits summed after."""
+    r = u.shape[1] // d
+    splits = _splits(v.shape[0])
+    ws = torch.empty(splits, r, blocks, device=v.device, dtype=torch.float32)
+    _factor_grad(ws, u, v, None, None, d, r, mix=False, p=p, seed=seed)
+    return ws.sum(0).T.contiguous()
+
+
+@triton_shrink.register_fake
+def _(v, M, d, scale, p, seed):
+    return v.new_empty(v.shape[0], M.shape[1] * d, dtype=torch.float32)
+
+
+@triton_expand_.register_fake
+def _(out, u, M, d, scale, p, seed):
+    return None
+
+
+@triton_reduce.register_fake
+def _(v, u, blocks, d, p, seed):
+    return u.new_empty(blocks, u.shape[1] // d)
+
+
 @triton_forward.register_fake
 def _(x, weight, bias, A, B, core, kernel, scaling, p, seed):
     d = 1 if kernel is None else kernel.shape[0]
@@ -231,9 +277,9 @@ def _fallback_reason(x: torch.Tensor) -> str | None:
     return None
 
 
-def _use_torch_instead(x: torch.Tensor, A: torch.Tensor, kernel: torch.Tensor | None) -> bool:
-    d = 1 if kernel is None else kernel.shape[0]
-    if A.shape[0] * d > (MAX_RD if d == 1 else MAX_RD_BLOCKED) or x.shape[0] == 0 or x.shape[1] == 0:
+def _kernels_cannot(x: torch.Tensor, r: int, d: int) -> bool:
+    """Whether these kernels cannot take the call (the torch backend's primitives then do)."""
+    if r * d > (MAX_RD if d == 1 else MAX_RD_BLOCKED) or x.shape[0] == 0 or x.shape[1] == 0:
         # r·d beyond one register tile (the torch backend's batched GEMMs fit it better), or nothing to
         # launch for: silently, as the results are the same.
         return True
@@ -241,7 +287,7 @@ def _use_torch_instead(x: torch.Tensor, A: torch.Tensor, kernel: torch.Tensor | 
     if reason is not None and reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"dcft_kernels: the Triton backend does not support {reason}; using the torch backend",
-                      stacklevel=4)
+                      stacklevel=5)
     return reason is not None
 
 
@@ -250,15 +296,18 @@ def _small(t):
     return t.contiguous() if t is not None else None
 
 
+# ---- the fused override: the mix in the kernels' epilogues ------------------------------------------
+
+def fuses(x, A, kernel, order, activation, row_scale) -> bool:
+    d = 1 if kernel is None else kernel.shape[0]
+    return is_plain_dcft(order, kernel, activation, row_scale) and not _kernels_cannot(x, A.shape[0], d)
+
+
 def forward(x, weight, bias, A, B, core, kernel, scaling, p, seed):
-    if _use_torch_instead(x, A, kernel):
-        return torch_backend.forward(x, weight, bias, A, B, core, kernel, scaling, p, seed)
     return triton_forward(x, weight, bias, A, B, _small(core), _small(kernel), scaling, p, seed)
 
 
 def backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad):
-    if _use_torch_instead(x, A, kernel):
-        return torch_backend.backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad)
     need_x, need_a, need_b, need_c, need_k = needs_grad
     need_c, need_k = need_c and core is not None, need_k and kernel is not None
     dx, flat = triton_backward(grad_y, x, weight, A, B, _small(core), _small(kernel), T, scaling, p,
@@ -269,3 +318,28 @@ def backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_g
     dA, dB, dC, dK = torch.split(flat, sizes)
     return (dx if need_x else None, dA.view(A.shape) if need_a else None, dB.view(B.shape) if need_b else None,
             dC.view(core.shape) if need_c else None, dK.view(kernel.shape) if need_k else None)
+
+
+# ---- the plan's primitives ----------------------------------------------------------------------------
+
+def round_once(x) -> bool:
+    return False  # as cuBLAS's fp16 GEMM does: y = x·Wᵀ is rounded, then the delta is added
+
+
+def shrink(v, M, d, scale, p, seed):
+    if _kernels_cannot(v, M.shape[1], d):
+        return torch_backend.shrink(v, M, d, scale, p, seed)
+    return triton_shrink(v, M, d, scale, p, seed).view(v.shape[0], M.shape[1], d)
+
+
+def expand_(out, U, M, scale, p, seed):
+    if _kernels_cannot(out, U.shape[1], U.shape[2]) or U.dtype != torch.float32:
+        return torch_backend.expand_(out, U, M, scale, p, seed)
+    triton_expand_(out, U.reshape(U.shape[0], -1), M, U.shape[2], scale, p, seed)
+
+
+def reduce(v, U, blocks, p, seed):
+    r, d = U.shape[1], U.shape[2]
+    if _kernels_cannot(v, r, d) or U.dtype != torch.float32:
+        return torch_backend.reduce(v, U, blocks, p, seed)
+    return triton_reduce(v, U.reshape(U.shape[0], -1), blocks, d, p, seed)
