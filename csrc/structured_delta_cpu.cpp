@@ -466,6 +466,12 @@ at::Tensor expand_factor(const at::Tensor& M, int64_t d, int64_t F) {
   return M.t().to(c10::CppTypeToScalarType<acc_t>::value).repeat_interleave(d, 1).narrow(1, 0, F).contiguous();
 }
 
+// d = 1 without dropout, fp32/fp64: each primitive is one GEMM, which beats the per-token loops on the
+// many short rows of the LoKr order's view (tokens·d_in rows of in/d_in features).
+bool plain_gemm(int64_t d, double p, at::ScalarType dtype) {
+  return d == 1 && p == 0.0 && (dtype == at::kFloat || dtype == at::kDouble);
+}
+
 template <typename Body>
 void with_lane_width(int64_t d, Body&& body) {
   if (32 % d == 0)
@@ -479,6 +485,7 @@ at::Tensor shrink_cpu(const at::Tensor& v_in, const at::Tensor& M, int64_t d, do
   const auto v = v_in.contiguous();
   const int64_t N = v.size(0), F = v.size(1), R = M.size(1);
   TORCH_CHECK(M.size(0) * d >= F, "dcft_kernels cpp_shrink: M has too few blocks for the features");
+  if (plain_gemm(d, p, v.scalar_type())) return at::mm(v, M).mul_(scale).view({N, R, 1});
   const Dropout drop{p, seed_sym.expect_int()};
   auto T = at::empty({N, R, d}, v.options().dtype(at::toOpMathType(v.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "cpp_shrink", [&] {
@@ -508,6 +515,10 @@ void expand_cpu_(at::Tensor& out, const at::Tensor& U_in, const at::Tensor& M, d
   const int64_t N = out.size(0), F = out.size(1), R = U.size(1), d = U.size(2);
   TORCH_CHECK(U.size(0) == N && M.size(1) == R && M.size(0) * d >= F, "dcft_kernels cpp_expand_: shapes disagree");
   TORCH_CHECK(U.scalar_type() == at::toOpMathType(out.scalar_type()), "dcft_kernels cpp_expand_: U must be in the accumulation dtype");
+  if (plain_gemm(d, p, out.scalar_type())) {
+    out.addmm_(U.view({N, R}), M.narrow(0, 0, F).t(), 1.0, scale);
+    return;
+  }
   const Dropout drop{p, seed_sym.expect_int()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "cpp_expand_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -537,6 +548,7 @@ at::Tensor reduce_cpu(const at::Tensor& v_in, const at::Tensor& U_in, int64_t bl
   const int64_t N = v.size(0), F = v.size(1), R = U.size(1), d = U.size(2);
   TORCH_CHECK(U.size(0) == N && blocks * d >= F, "dcft_kernels cpp_reduce: shapes disagree");
   TORCH_CHECK(U.scalar_type() == at::toOpMathType(v.scalar_type()), "dcft_kernels cpp_reduce: U must be in the accumulation dtype");
+  if (plain_gemm(d, p, v.scalar_type()) && blocks == F) return at::mm(v.t(), U.view({N, R}));
   const Dropout drop{p, seed_sym.expect_int()};
   at::Tensor total;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "cpp_reduce", [&] {

@@ -259,7 +259,7 @@ def build_cases(in_features, out_features, *, kernel_size, rank, lora_rank, dtyp
     cases.append(Case(f"DeLoRALinear r={lora_rank} [{auto}]", delora, ours_reference(delora), _trainable(delora)))
     lokr = _randomize(LoKrLinear.from_linear(base, rank=lora_rank, alpha=lora_rank),
                       torch.Generator().manual_seed(seed + 4))
-    cases.append(Case(f"LoKrLinear r={lora_rank} [torch]", lokr, ours_reference(lokr), _trainable(lokr)))
+    cases.append(Case(f"LoKrLinear r={lora_rank} [{auto}]", lokr, ours_reference(lokr), _trainable(lokr)))
     cases.append(_peft_lokr(base, lokr))
     cases.append(_peft_lokr(base, lokr, fused=True))
     return cases
