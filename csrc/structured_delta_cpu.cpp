@@ -18,6 +18,11 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <type_traits>
 #include <vector>
 
@@ -28,42 +33,106 @@ constexpr int kPhiloxLanes = 16;
 
 // The dropout uniforms of elements 4·counter .. 4·counter + 4·kPhiloxLanes - 1: Philox-4x32-10 at
 // counters counter + i, each giving the four consecutive elements 4(counter + i) .. + 3 (the stream
-// of philox.h, dropout.py and tl.rand4x), with the rounds outside and the lanes inside so the
-// compiler vectorises the 32×32→64-bit products. Built for AVX2 and for the baseline, picked at
-// run time (the package is compiled portable).
-__attribute__((target_clones("avx2", "default"))) void philox_uniform_lanes(int64_t seed, int64_t counter,
-                                                                           float* out) {
-  uint32_t c0[kPhiloxLanes], c1[kPhiloxLanes], c2[kPhiloxLanes], c3[kPhiloxLanes];
+// of philox.h, dropout.py and tl.rand4x).
+inline float uniform_of_word(uint32_t word) {
+  int32_t v = static_cast<int32_t>(word);
+  v = v < 0 ? ~v : v;
+  return static_cast<float>(v) * 4.6566127342e-10f;
+}
+
+void philox_uniform_lanes_scalar(int64_t seed, int64_t counter, float* out) {
   for (int i = 0; i < kPhiloxLanes; ++i) {
     const uint64_t o = static_cast<uint64_t>(counter + i);
-    c0[i] = static_cast<uint32_t>(o);
-    c1[i] = static_cast<uint32_t>(o >> 32);
-    c2[i] = 0;
-    c3[i] = 0;
+    uint32_t c0 = static_cast<uint32_t>(o), c1 = static_cast<uint32_t>(o >> 32), c2 = 0, c3 = 0;
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+    for (int round = 0; round < 10; ++round) {
+      const uint64_t a = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+      const uint64_t b = static_cast<uint64_t>(0xD2511F53u) * c0;
+      const uint32_t n0 = static_cast<uint32_t>(a >> 32) ^ c1 ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(b >> 32) ^ c3 ^ k1;
+      c1 = static_cast<uint32_t>(a);
+      c3 = static_cast<uint32_t>(b);
+      c0 = n0;
+      c2 = n2;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    out[4 * i] = uniform_of_word(c0);
+    out[4 * i + 1] = uniform_of_word(c1);
+    out[4 * i + 2] = uniform_of_word(c2);
+    out[4 * i + 3] = uniform_of_word(c3);
+  }
+}
+
+#if defined(__x86_64__)
+// The same with AVX2, 8 counters per vector: compilers do not vectorise the 32×32→64-bit products
+// of the scalar loop (they emit one imul each), so the high and low halves are built from
+// _mm256_mul_epu32 on the even and odd lanes.
+__attribute__((target("avx2"))) inline void mul_hi_lo(__m256i a, __m256i m, __m256i* hi, __m256i* lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);                          // lanes 0, 2, 4, 6 as 64-bit
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);     // lanes 1, 3, 5, 7
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+__attribute__((target("avx2"))) inline __m256 uniform_of_words(__m256i w) {
+  const __m256i folded = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));  // v < 0 ? ~v : v
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(4.6566127342e-10f));
+}
+
+__attribute__((target("avx2"))) void philox_uniform_lanes_avx2(int64_t seed, int64_t counter, float* out) {
+  // Both groups of 8 counters go through the rounds together: two independent dependency chains
+  // keep the multipliers busy (one alone waits on each round's product latency).
+  constexpr int kGroups = kPhiloxLanes / 8;
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m2 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  __m256i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+  for (int g = 0; g < kGroups; ++g) {
+    alignas(32) uint32_t lo[8], hi[8];
+    for (int i = 0; i < 8; ++i) {
+      const uint64_t o = static_cast<uint64_t>(counter + 8 * g + i);
+      lo[i] = static_cast<uint32_t>(o);
+      hi[i] = static_cast<uint32_t>(o >> 32);
+    }
+    c0[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
+    c1[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
+    c2[g] = c3[g] = _mm256_setzero_si256();
   }
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
   for (int round = 0; round < 10; ++round) {
-    for (int i = 0; i < kPhiloxLanes; ++i) {
-      const uint64_t a = static_cast<uint64_t>(0xCD9E8D57u) * c2[i];
-      const uint64_t b = static_cast<uint64_t>(0xD2511F53u) * c0[i];
-      const uint32_t n0 = static_cast<uint32_t>(a >> 32) ^ c1[i] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(b >> 32) ^ c3[i] ^ k1;
-      c1[i] = static_cast<uint32_t>(a);
-      c3[i] = static_cast<uint32_t>(b);
-      c0[i] = n0;
-      c2[i] = n2;
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0)), key1 = _mm256_set1_epi32(static_cast<int>(k1));
+    for (int g = 0; g < kGroups; ++g) {
+      __m256i hi_a, lo_a, hi_b, lo_b;
+      mul_hi_lo(c2[g], m2, &hi_a, &lo_a);
+      mul_hi_lo(c0[g], m0, &hi_b, &lo_b);
+      c0[g] = _mm256_xor_si256(_mm256_xor_si256(hi_a, c1[g]), key0);
+      c2[g] = _mm256_xor_si256(_mm256_xor_si256(hi_b, c3[g]), key1);
+      c1[g] = lo_a;
+      c3[g] = lo_b;
     }
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  const uint32_t* words[4] = {c0, c1, c2, c3};
-  for (int i = 0; i < kPhiloxLanes; ++i) {
-    for (int w = 0; w < 4; ++w) {
-      int32_t v = static_cast<int32_t>(words[w][i]);
-      v = v < 0 ? ~v : v;
-      out[4 * i + w] = static_cast<float>(v) * 4.6566127342e-10f;
-    }
+  for (int g = 0; g < kGroups; ++g) {
+    alignas(32) float words[4][8];
+    _mm256_store_ps(words[0], uniform_of_words(c0[g]));
+    _mm256_store_ps(words[1], uniform_of_words(c1[g]));
+    _mm256_store_ps(words[2], uniform_of_words(c2[g]));
+    _mm256_store_ps(words[3], uniform_of_words(c3[g]));
+    for (int i = 0; i < 8; ++i)
+      for (int w = 0; w < 4; ++w) out[4 * (8 * g + i) + w] = words[w][i];
   }
+}
+#endif
+
+// Picks the AVX2 version at run time where the CPU has it (the package is compiled portable);
+// DCFT_KERNELS_NO_AVX2=1 forces the scalar one (a test compares the two).
+void philox_uniform_lanes(int64_t seed, int64_t counter, float* out) {
+#if defined(__x86_64__)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && std::getenv("DCFT_KERNELS_NO_AVX2") == nullptr;
+  if (avx2) return philox_uniform_lanes_avx2(seed, counter, out);
+#endif
+  philox_uniform_lanes_scalar(seed, counter, out);
 }
 
 struct Dropout {

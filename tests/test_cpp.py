@@ -5,6 +5,7 @@ The numerical checks of backend="cpp" run in the shared matrix of test_op.py / t
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -157,3 +158,22 @@ def test_default_build_flags_are_portable(monkeypatch):
         assert '"DCFT_KERNELS_CPU_FLAGS", "-O3")' in setup_py
     finally:
         importlib.reload(cpp_backend)
+
+
+@needs_cpp
+def test_scalar_and_avx2_dropout_streams_agree():
+    """The CPU draws masks with AVX2 where the CPU has it, else with scalar code: both give the stream
+    of dropout.py (this machine's path runs in the op tests; here the scalar one, forced)."""
+    code = (
+        "import torch\n"
+        "from dcft_kernels.dropout import dropout_mask\n"
+        "from dcft_kernels.ops import cpp_backend\n"
+        "cpp_backend.is_available()\n"
+        "x = torch.ones(37, 129)\n"  # odd sizes: windows straddle rows
+        "T = torch.ops.dcft_kernels.cpp_shrink(x, torch.eye(129), 1, 1.0, 0.3, 123456789012)\n"
+        "want = dropout_mask(x.shape, 0.3, 123456789012, x.device, x.dtype)\n"
+        "assert torch.equal(T.view(37, 129), want), (T.view(37, 129) != want).sum()\n"
+    )
+    env = {**os.environ, "DCFT_KERNELS_NO_AVX2": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
