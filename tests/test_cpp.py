@@ -94,7 +94,6 @@ def test_cuda_kernels_match_reference(dtype):
 def test_compiles_on_first_use_without_the_prebuilt_extension(tmp_path):
     """Installed without the setup.py build, the extension is compiled (and cached) on first use."""
     import os
-    import sys
 
     code = (
         "import dcft_kernels.ops.cpp_backend as cb\n"
