@@ -51,12 +51,17 @@ _SHAPES = {
         1, 64, dt, has_c=False, has_k=False, mix=False, dropout=True)),
     "factor_grad dB d=3 r=5 mix": ("factor_grad", lambda dt: tb.factor_grad_meta(
         3, 5, dt, has_c=True, has_k=True, mix=True, dropout=False)),
+    "shrink plan d=6 r=4 dropout (no mix)": ("shrink", lambda dt: tb.shrink_meta(
+        6, 4, dt, has_c=False, has_k=False, backward=False, dropout=True)),
+    "factor_grad plan d=6 r=4 dropout (no mix)": ("factor_grad", lambda dt: tb.factor_grad_meta(
+        6, 4, dt, has_c=False, has_k=False, mix=False, dropout=True)),
     "sum_partials": ("sum_partials", lambda dt: dict(HAS_GRAM=True, BLOCK=256)),
     "gemm fwd DCFT d=8 r=1 bias": ("gemm", lambda dt: tb.gemm_meta(8, 1, dt, has_bias=True, dropout=False)),
     "gemm dx r·d=32 dropout": ("gemm", lambda dt: tb.gemm_meta(4, 8, dt, has_bias=False, dropout=True)),
 }
 _QUICK_SHAPES = ("shrink fwd r·d=32 core+kernel", "shrink bwd r·d=32 dC+dK", "expand dx r·d=32 dropout",
-                 "factor_grad dB r·d=32 mix", "factor_grad dA LoRA r=64 dropout", "sum_partials",
+                 "factor_grad dB r·d=32 mix", "factor_grad dA LoRA r=64 dropout",
+                 "shrink plan d=6 r=4 dropout (no mix)", "sum_partials",
                  "gemm dx r·d=32 dropout")
 
 _JIT = {"shrink": tk.shrink_kernel, "expand": tk.expand_kernel, "factor_grad": tk.factor_grad_kernel,
