@@ -128,8 +128,17 @@ def fits(kernel: str, cfg: dict, meta: dict, in_bytes: int, limit: int) -> bool:
     acc_limit = 32 if kernel == "expand" else 16 // (wide * wide) if epilogue else 64 // wide
     if wide == 2 and dropout and kernel == "shrink" and cfg["num_warps"] > 4:
         return False  # fp32 Philox tiles over 8 warps spill on sm_80 (the compile check shows it)
+    if kernel == "shrink" and (cfg["num_stages"] == 1) != _unpipelined_only(meta, wide):
+        return False  # the single-stage config serves exactly the case that spills when pipelined
     loaded_limit = 8 if wide == 2 else 8 if gram else 16 if dropout else 64
     return loaded <= loaded_limit and acc <= acc_limit
+
+
+def _unpipelined_only(meta: dict, wide: int) -> bool:
+    """The plan's shrink (no mix epilogue) with d > 1 and fp32 dropout stays in registers only with its
+    loads unpipelined (ptxas on sm_80/90/100 shows 8-48 B of spills for every pipelined config)."""
+    return (wide == 2 and meta.get("DROPOUT", False) and meta.get("D", 1) > 1
+            and not (meta.get("HAS_C") or meta.get("HAS_K")))
 
 
 def keep_configs(kernel: str, configs: list[dict], meta: dict, in_bytes: int, limit: int) -> list[dict]:
@@ -160,13 +169,14 @@ CONFIGS = {
     "shrink": [dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)]
     + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
        for bn, bk, w, s in ((32, 128, 8, 3), (128, 32, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (32, 64, 8, 3),
-                            (32, 32, 4, 3))],
+                            (32, 32, 4, 3), (32, 32, 4, 1))],
     "expand": [dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2)]
     + [dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=2)
        for bn, bm, w in ((64, 128, 8), (128, 128, 8), (32, 128, 4), (32, 256, 8))],
     "factor_grad": [dict(BLOCK_N=32, BLOCK_B=16, num_warps=8, num_stages=3)]
     + [dict(BLOCK_N=bn, BLOCK_B=bb, num_warps=w, num_stages=s)
-       for bn, bb, w, s in ((64, 16, 8, 3), (32, 32, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 3))],
+       for bn, bb, w, s in ((64, 16, 8, 3), (32, 32, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 3),
+                            (16, 16, 8, 3))],
     "gemm": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)]
     + [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
        for bm, bn, bk, w, s in ((128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
