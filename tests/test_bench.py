@@ -27,7 +27,7 @@ def test_tiny_run_writes_schema(tmp_path, capsys):
                      f"LoRALinear r=8 [{auto}]", "PEFT LoRA r=8", f"DeLoRALinear r=8 [{auto}]",
                      f"DCFTLinear d=8 r=1 dropout 0.1 [{auto}]", f"LoRALinear r=8 dropout 0.1 [{auto}]",
                      "PEFT LoRA r=8 dropout 0.1", "PEFT LoRA r=8 fused", "PEFT LoRA r=8 dropout 0.1 fused",
-                     "LoKrLinear r=8 [torch]", "PEFT LoKr r=8", "PEFT LoKr r=8 fused"):
+                     f"LoKrLinear r=8 [{auto}]", "PEFT LoKr r=8", "PEFT LoKr r=8 fused"):
         assert expected in names
     timed = [r for r in rows if r["fwd_bwd_ms"] is not None]
     assert timed and all(r["status"] == "ok" for r in timed)  # every timed row matched the reference
