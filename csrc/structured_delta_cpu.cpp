@@ -225,6 +225,21 @@ void outer_row(acc_t* __restrict__ G, int64_t F, const acc_t* __restrict__ v, in
   }
 }
 
+// A (blocks, R) factor expanded to one value per feature: Mexp[r][k] = M[k / d][r], R × F.
+template <typename acc_t>
+at::Tensor expand_factor(const at::Tensor& M, int64_t d, int64_t F) {
+  return M.t().to(c10::CppTypeToScalarType<acc_t>::value).repeat_interleave(d, 1).narrow(1, 0, F).contiguous();
+}
+
+// Runs body with the lane width as a compile-time constant: 32 where d divides it, else 0 (runtime).
+template <typename Body>
+void with_lane_width(int64_t d, Body&& body) {
+  if (32 % d == 0)
+    body(std::integral_constant<int64_t, 32>{});
+  else
+    body(std::integral_constant<int64_t, 0>{});
+}
+
 // The small factors in the accumulation type, with the per-token mixes.
 template <typename acc_t>
 struct Factors {
@@ -240,8 +255,8 @@ struct Factors {
     has_k = kernel.has_value();
     has_c = core.has_value();
     d = has_k ? kernel->size(0) : 1;
-    Aexp = A.to(acc).repeat_interleave(d, 1).narrow(1, 0, in).contiguous();
-    Bexp = B.to(acc).t().repeat_interleave(d, 1).narrow(1, 0, out).contiguous();
+    Aexp = expand_factor<acc_t>(A.t(), d, in);
+    Bexp = expand_factor<acc_t>(B, d, out);
     C = has_c ? core->to(acc).contiguous() : at::eye(R, A.options().dtype(acc));
     K = has_k ? kernel->to(acc).contiguous() : at::eye(d, A.options().dtype(acc));
   }
@@ -426,12 +441,17 @@ at::Tensor fold_expanded(const at::Tensor& G, int64_t d, int64_t blocks) {
 // A small (rows, r) matrix with the same values, laid out column-major (a transposed view of a copy).
 at::Tensor column_major(const at::Tensor& m) { return m.t().contiguous().t(); }
 
-// d = 1 without dropout (LoRA, DeLoRA): shrink and expand are plain rank-r GEMMs, which
-// MKL / oneDNN run faster than any per-token loop. Same results, same saved T.
+// d = 1 without dropout (LoRA, DeLoRA, the LoKr order's view): shrink and expand are plain rank-r
+// GEMMs, which MKL / oneDNN run faster than any per-token loop (above all on the LoKr view's many
+// short rows). Same results, same saved T.
 // fp32/fp64 only: a 16-bit GEMM would round x·Aᵀ (or x·Wᵀ) before the delta is added, overflowing
 // where the true y does not; the per-token path accumulates in fp32 and rounds once.
+bool plain_gemm(int64_t d, double p, at::ScalarType dtype) {
+  return d == 1 && p == 0.0 && (dtype == at::kFloat || dtype == at::kDouble);
+}
+
 bool use_rank_gemms(const c10::optional<at::Tensor>& kernel, double p, at::ScalarType dtype) {
-  return !kernel.has_value() && p == 0.0 && (dtype == at::kFloat || dtype == at::kDouble);
+  return !kernel.has_value() && plain_gemm(1, p, dtype);
 }
 
 }  // namespace
@@ -456,10 +476,9 @@ std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cpu(
   auto T = at::empty({x.size(0), A.size(0) * d}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "structured_delta_forward_cpu", [&] {
     Factors<at::opmath_type<scalar_t>> f(A, B, core, kernel, x.size(1), weight.size(0));
-    if (32 % d == 0)
-      adapter_forward<32, scalar_t>(x, y, bias, T, f, scaling, Dropout{p, seed});
-    else
-      adapter_forward<0, scalar_t>(x, y, bias, T, f, scaling, Dropout{p, seed});
+    with_lane_width(d, [&](auto lanes) {
+      adapter_forward<decltype(lanes)::value, scalar_t>(x, y, bias, T, f, scaling, Dropout{p, seed});
+    });
   });
   y.addmm_(x, weight.t());  // y += x Wᵀ through ATen's GEMM (MKL / oneDNN)
   return {y, T};
@@ -502,14 +521,10 @@ std::vector<at::Tensor> structured_delta_backward_cpu(
     std::vector<Partials<acc_t>> partials;
     for (int64_t i = 0; i < at::get_num_threads(); ++i)
       partials.emplace_back(need_a ? R * in : 0, need_b ? R * out : 0, need_c ? R * R : 0, need_k ? d * d : 0);
-    auto run = [&](auto lanes) {
+    with_lane_width(d, [&](auto lanes) {
       adapter_backward<decltype(lanes)::value, scalar_t>(grad_y, x, T, need_x ? &dx : nullptr, f, scaling,
                                                          Dropout{p, seed}, need_a, need_b, need_c, need_k, partials);
-    };
-    if (32 % d == 0)
-      run(std::integral_constant<int64_t, 32>{});
-    else
-      run(std::integral_constant<int64_t, 0>{});
+    });
     // Reduce the per-thread partial sums once, then fold the expanded rows back to factor shape.
     auto sum_parts = [&](auto member, int64_t rows, int64_t cols) {
       auto total = at::zeros({rows, cols}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -535,25 +550,6 @@ std::vector<at::Tensor> structured_delta_backward_cpu(
 // per call to one value per feature (Mexp[r][k] = M[k / d][r]), so the per-token loops above apply.
 
 namespace {
-
-template <typename acc_t>
-at::Tensor expand_factor(const at::Tensor& M, int64_t d, int64_t F) {
-  return M.t().to(c10::CppTypeToScalarType<acc_t>::value).repeat_interleave(d, 1).narrow(1, 0, F).contiguous();
-}
-
-// d = 1 without dropout, fp32/fp64: each primitive is one GEMM, which beats the per-token loops on the
-// many short rows of the LoKr order's view (tokens·d_in rows of in/d_in features).
-bool plain_gemm(int64_t d, double p, at::ScalarType dtype) {
-  return d == 1 && p == 0.0 && (dtype == at::kFloat || dtype == at::kDouble);
-}
-
-template <typename Body>
-void with_lane_width(int64_t d, Body&& body) {
-  if (32 % d == 0)
-    body(std::integral_constant<int64_t, 32>{});
-  else
-    body(std::integral_constant<int64_t, 0>{});
-}
 
 at::Tensor shrink_cpu(const at::Tensor& v_in, const at::Tensor& M, int64_t d, double scale, double p,
                       c10::SymInt seed_sym) {

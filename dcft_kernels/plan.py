@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .dropout import dropout_mask
+from .reference import ACTIVATIONS
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -52,9 +53,7 @@ def is_plain_dcft(order, kernel, activation, row_scale) -> bool:
 # ---- the activation between the A and B products (MPC_n) -------------------------------------------
 
 def _activate(T, activation):
-    if activation is None:
-        return T
-    return {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}[activation](T)
+    return T if activation is None else ACTIVATIONS[activation](T)
 
 
 def _activation_grad(T, activation):
