@@ -5,10 +5,10 @@
 TORCH_LIBRARY(dcft_kernels, m) {
   m.def(
       "cpp_forward(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor? core, Tensor? kernel, "
-      "float scaling, float p, SymInt seed) -> (Tensor, Tensor)");
+      "float scaling, float p, SymInt seed) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cpp_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor A, Tensor B, Tensor? core, Tensor? kernel, "
-      "Tensor T, float scaling, float p, SymInt seed, bool need_x, bool need_a, bool need_b, bool need_c, "
+      "Tensor T, Tensor keep, float scaling, float p, bool need_x, bool need_a, bool need_b, bool need_c, "
       "bool need_k) -> Tensor[]");
   // The primitives of dcft_kernels/plan.py (DCFT layout, any d), for the cases cpp_forward does not fuse.
   m.def("cpp_shrink(Tensor v, Tensor M, int d, float scale, float p, SymInt seed) -> Tensor");

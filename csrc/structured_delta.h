@@ -10,8 +10,9 @@
 
 namespace dcft_kernels {
 
-// Returns (y, T) with T = A·drop(X) per token, (tokens, r·d), in the accumulation dtype.
-std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cpu(
+// Returns (y, T, keep): T = A·drop(X) per token, (tokens, r·d), in the accumulation dtype; keep the
+// dropout keep-bits of x, (tokens, ceil(in / 64)) int64 (no rows without dropout).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> structured_delta_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& A,
     const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
     double scaling, double p, c10::SymInt seed_sym);
@@ -20,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cpu(
 std::vector<at::Tensor> structured_delta_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
-    const at::Tensor& T, double scaling, double p, c10::SymInt seed_sym, bool need_x, bool need_a, bool need_b,
+    const at::Tensor& T, const at::Tensor& keep, double scaling, double p, bool need_x, bool need_a, bool need_b,
     bool need_c, bool need_k);
 
 }  // namespace dcft_kernels

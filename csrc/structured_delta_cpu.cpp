@@ -29,18 +29,19 @@
 namespace dcft_kernels {
 namespace {
 
-constexpr int kPhiloxLanes = 16;
+constexpr int kPhiloxLanes = 16;  // Philox counters per call: 64 consecutive elements, one uint64 of keep-bits
 
-// The dropout uniforms of elements 4·counter .. 4·counter + 4·kPhiloxLanes - 1: Philox-4x32-10 at
-// counters counter + i, each giving the four consecutive elements 4(counter + i) .. + 3 (the stream
-// of philox.h, dropout.py and tl.rand4x).
+// The dropout stream (philox.h, dropout.py, tl.rand4x): element e is kept when the uniform of word e % 4
+// of Philox-4x32-10 at counter e / 4 is >= p. Masks are made 64 elements at a time as keep-bits, bit i
+// for element 4·counter + i, so applying one is a bit test and the mask of a row fits in a few words.
 inline float uniform_of_word(uint32_t word) {
   int32_t v = static_cast<int32_t>(word);
   v = v < 0 ? ~v : v;
   return static_cast<float>(v) * 4.6566127342e-10f;
 }
 
-void philox_uniform_lanes_scalar(int64_t seed, int64_t counter, float* out) {
+uint64_t philox_keep_bits_scalar(int64_t seed, int64_t counter, float threshold) {
+  uint64_t bits = 0;
   for (int i = 0; i < kPhiloxLanes; ++i) {
     const uint64_t o = static_cast<uint64_t>(counter + i);
     uint32_t c0 = static_cast<uint32_t>(o), c1 = static_cast<uint32_t>(o >> 32), c2 = 0, c3 = 0;
@@ -57,100 +58,171 @@ void philox_uniform_lanes_scalar(int64_t seed, int64_t counter, float* out) {
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
     }
-    out[4 * i] = uniform_of_word(c0);
-    out[4 * i + 1] = uniform_of_word(c1);
-    out[4 * i + 2] = uniform_of_word(c2);
-    out[4 * i + 3] = uniform_of_word(c3);
+    const uint32_t words[4] = {c0, c1, c2, c3};
+    for (int w = 0; w < 4; ++w)
+      bits |= static_cast<uint64_t>(uniform_of_word(words[w]) >= threshold) << (4 * i + w);
   }
+  return bits;
 }
 
 #if defined(__x86_64__)
 // The same with AVX2, 8 counters per vector: compilers do not vectorise the 32×32→64-bit products
-// of the scalar loop (they emit one imul each), so the high and low halves are built from
-// _mm256_mul_epu32 on the even and odd lanes.
+// of the scalar loop (they emit one imul each), so the high halves are built from _mm256_mul_epu32
+// on the even and odd lanes; the low halves are one _mm256_mullo_epi32.
 __attribute__((target("avx2"))) inline void mul_hi_lo(__m256i a, __m256i m, __m256i* hi, __m256i* lo) {
   const __m256i even = _mm256_mul_epu32(a, m);                          // lanes 0, 2, 4, 6 as 64-bit
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);     // lanes 1, 3, 5, 7
   *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *lo = _mm256_mullo_epi32(a, m);
 }
 
-__attribute__((target("avx2"))) inline __m256 uniform_of_words(__m256i w) {
-  const __m256i folded = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));  // v < 0 ? ~v : v
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(4.6566127342e-10f));
-}
+// Bit i of b moved to bit 4·i: word w of counter i is element 4·i + w.
+struct Spread4 {
+  uint32_t table[256];
+  constexpr Spread4() : table() {
+    for (uint32_t b = 0; b < 256; ++b)
+      for (int i = 0; i < 8; ++i) table[b] |= ((b >> i) & 1u) << (4 * i);
+  }
+};
+constexpr Spread4 kSpread4;
 
-__attribute__((target("avx2"))) void philox_uniform_lanes_avx2(int64_t seed, int64_t counter, float* out) {
-  // Both groups of 8 counters go through the rounds together: two independent dependency chains
-  // keep the multipliers busy (one alone waits on each round's product latency).
+// The keep-bits of the window at `counter`. Both groups of 8 counters go through the rounds together:
+// two independent dependency chains keep the multipliers busy.
+__attribute__((target("avx2"))) uint64_t philox_keep_bits_avx2(int64_t seed, int64_t counter, float threshold) {
   constexpr int kGroups = kPhiloxLanes / 8;
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i m2 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  __m256i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+  const __m256i step = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256i c[kGroups][4];
   for (int g = 0; g < kGroups; ++g) {
-    alignas(32) uint32_t lo[8], hi[8];
-    for (int i = 0; i < 8; ++i) {
-      const uint64_t o = static_cast<uint64_t>(counter + 8 * g + i);
-      lo[i] = static_cast<uint32_t>(o);
-      hi[i] = static_cast<uint32_t>(o >> 32);
-    }
-    c0[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
-    c1[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
-    c2[g] = c3[g] = _mm256_setzero_si256();
+    const uint64_t first = static_cast<uint64_t>(counter + 8 * g);
+    c[g][0] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first))), step);
+    c[g][1] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
+    c[g][2] = c[g][3] = _mm256_setzero_si256();
   }
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
   for (int round = 0; round < 10; ++round) {
     const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0)), key1 = _mm256_set1_epi32(static_cast<int>(k1));
     for (int g = 0; g < kGroups; ++g) {
       __m256i hi_a, lo_a, hi_b, lo_b;
-      mul_hi_lo(c2[g], m2, &hi_a, &lo_a);
-      mul_hi_lo(c0[g], m0, &hi_b, &lo_b);
-      c0[g] = _mm256_xor_si256(_mm256_xor_si256(hi_a, c1[g]), key0);
-      c2[g] = _mm256_xor_si256(_mm256_xor_si256(hi_b, c3[g]), key1);
-      c1[g] = lo_a;
-      c3[g] = lo_b;
+      mul_hi_lo(c[g][2], m2, &hi_a, &lo_a);
+      mul_hi_lo(c[g][0], m0, &hi_b, &lo_b);
+      c[g][0] = _mm256_xor_si256(_mm256_xor_si256(hi_a, c[g][1]), key0);
+      c[g][2] = _mm256_xor_si256(_mm256_xor_si256(hi_b, c[g][3]), key1);
+      c[g][1] = lo_a;
+      c[g][3] = lo_b;
     }
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  for (int g = 0; g < kGroups; ++g) {
-    alignas(32) float words[4][8];
-    _mm256_store_ps(words[0], uniform_of_words(c0[g]));
-    _mm256_store_ps(words[1], uniform_of_words(c1[g]));
-    _mm256_store_ps(words[2], uniform_of_words(c2[g]));
-    _mm256_store_ps(words[3], uniform_of_words(c3[g]));
-    for (int i = 0; i < 8; ++i)
-      for (int w = 0; w < 4; ++w) out[4 * (8 * g + i) + w] = words[w][i];
+  const __m256 t = _mm256_set1_ps(threshold);
+  const __m256 scale = _mm256_set1_ps(4.6566127342e-10f);
+  uint64_t bits = 0;
+  for (int g = 0; g < kGroups; ++g) {  // group g: elements 32g .. 32g + 31
+    uint32_t group = 0;
+    for (int w = 0; w < 4; ++w) {
+      const __m256i folded = _mm256_xor_si256(c[g][w], _mm256_srai_epi32(c[g][w], 31));  // v < 0 ? ~v : v
+      const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(folded), scale);
+      group |= kSpread4.table[_mm256_movemask_ps(_mm256_cmp_ps(u, t, _CMP_GE_OQ))] << w;
+    }
+    bits |= static_cast<uint64_t>(group) << (32 * g);
   }
+  return bits;
+}
+
+// values[k] *= keep-bit k ? keep : 0, 8 at a time (a product, not a select: NaN stays NaN, as in torch).
+__attribute__((target("avx2"))) void scale_kept_avx2(const uint64_t* bits, int64_t count, float keep, float* values) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 keep_v = _mm256_set1_ps(keep);
+  int64_t e = 0;
+  for (; e + 8 <= count; e += 8) {
+    const int byte = static_cast<int>((bits[e >> 6] >> (e & 63)) & 0xFF);
+    const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), lane_bit), lane_bit);
+    const __m256 factor = _mm256_and_ps(keep_v, _mm256_castsi256_ps(set));
+    _mm256_storeu_ps(values + e, _mm256_mul_ps(_mm256_loadu_ps(values + e), factor));
+  }
+  for (; e < count; ++e) values[e] *= (bits[e >> 6] >> (e & 63)) & 1 ? keep : 0.0f;
 }
 #endif
 
-// Picks the AVX2 version at run time where the CPU has it (the package is compiled portable);
-// DCFT_KERNELS_NO_AVX2=1 forces the scalar one (a test compares the two).
-void philox_uniform_lanes(int64_t seed, int64_t counter, float* out) {
+// AVX2 where the CPU has it (the package is compiled portable); DCFT_KERNELS_NO_AVX2=1 forces the
+// scalar code (a test compares the two).
+inline bool use_avx2() {
 #if defined(__x86_64__)
   static const bool avx2 = __builtin_cpu_supports("avx2") && std::getenv("DCFT_KERNELS_NO_AVX2") == nullptr;
-  if (avx2) return philox_uniform_lanes_avx2(seed, counter, out);
+  return avx2;
+#else
+  return false;
 #endif
-  philox_uniform_lanes_scalar(seed, counter, out);
 }
+
+// out[i] = the keep-bits of the window at counter + 16·i, i < n.
+inline void philox_keep_windows(int64_t seed, int64_t counter, float threshold, int64_t n, uint64_t* out) {
+  int64_t i = 0;
+#if defined(__x86_64__)
+  if (use_avx2()) {
+    // The vector code adds to the low counter word alone: windows whose low word would wrap (past
+    // 2^34 elements) take the scalar code.
+    for (; i < n; ++i) {
+      const uint64_t first = static_cast<uint64_t>(counter + kPhiloxLanes * i);
+      if ((first & 0xFFFFFFFFu) > 0xFFFFFFFFu - kPhiloxLanes) break;
+      out[i] = philox_keep_bits_avx2(seed, static_cast<int64_t>(first), threshold);
+    }
+  }
+#endif
+  for (; i < n; ++i) out[i] = philox_keep_bits_scalar(seed, counter + kPhiloxLanes * i, threshold);
+}
+
+template <typename acc_t>
+void scale_kept(const uint64_t* bits, int64_t count, acc_t keep, acc_t* values) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_avx2()) return scale_kept_avx2(bits, count, keep, values);
+  }
+#endif
+  for (int64_t e = 0; e < count; ++e) values[e] *= (bits[e >> 6] >> (e & 63)) & 1 ? keep : acc_t(0);
+}
+
+inline int64_t keep_words(int64_t count) { return (count + 63) / 64; }
 
 struct Dropout {
   double p = 0.0;
   int64_t seed = 0;
   bool on() const { return p > 0.0; }
-  // values[k] *= the scaled keep-mask of element offset + k of the flattened input, k < count.
+  template <typename acc_t>
+  acc_t keep_scale() const { return static_cast<acc_t>(1.0 / (1.0 - p)); }
+
+  // The keep-bits of elements offset .. offset + count - 1 of the flattened input: bit e % 64 of
+  // out[e / 64] for element offset + e. Element offset is bit offset % 4 of the 64-element window
+  // at counter offset / 4, so each word joins two windows when offset is not a multiple of 4 (then
+  // the window at a block's end is drawn again for the next block: 1 in 32).
+  void keep_bits(int64_t offset, int64_t count, uint64_t* out) const {
+    const float threshold = static_cast<float>(p);
+    const int shift = static_cast<int>(offset & 3);
+    const int64_t counter = offset >> 2, words = keep_words(count);
+    const int64_t windows = (shift + count + 63) / 64;  // the windows holding the elements
+    constexpr int64_t kBlock = 32;                       // words per block of windows drawn at once
+    uint64_t window[kBlock + 1];
+    for (int64_t j0 = 0; j0 < words; j0 += kBlock) {
+      const int64_t n = std::min(kBlock, words - j0), n_windows = std::min(n + (shift ? 1 : 0), windows - j0);
+      philox_keep_windows(seed, counter + kPhiloxLanes * j0, threshold, n_windows, window);
+      for (int64_t j = 0; j < n; ++j) {
+        uint64_t word = window[j] >> shift;
+        if (shift && j + 1 < n_windows) word |= window[j + 1] << (64 - shift);
+        out[j0 + j] = word;
+      }
+    }
+  }
+
+  // values[k] *= the scaled keep-mask of element offset + k, k < count.
   template <typename acc_t>
   void apply(int64_t offset, int64_t count, acc_t* values) const {
-    const acc_t keep = static_cast<acc_t>(1.0 / (1.0 - p));
-    const float threshold = static_cast<float>(p);
-    constexpr int64_t kWindow = 4 * kPhiloxLanes;  // elements per philox_uniform_lanes call
-    float u[kWindow];
-    const int64_t end = offset + count;
-    for (int64_t window = offset & ~int64_t(3); window < end; window += kWindow) {
-      philox_uniform_lanes(seed, window >> 2, u);
-      const int64_t first = std::max(window, offset), last = std::min(window + kWindow, end);
-      for (int64_t e = first; e < last; ++e) values[e - offset] *= u[e - window] >= threshold ? keep : acc_t(0);
+    constexpr int64_t kChunk = 64 * 32;  // elements per stack buffer of bits
+    uint64_t bits[kChunk / 64];
+    for (int64_t k = 0; k < count; k += kChunk) {
+      const int64_t n = std::min(kChunk, count - k);
+      keep_bits(offset + k, n, bits);
+      scale_kept(bits, n, keep_scale<acc_t>(), values + k);
     }
   }
 };
@@ -321,7 +393,8 @@ inline int64_t token_grain(int64_t R, int64_t in, int64_t out) {
 // in-place GEMM (beta = 1), so y is read and written once by the GEMM and once here.
 template <int64_t kW, typename scalar_t>
 void adapter_forward(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& bias, const at::Tensor& T,
-                     const Factors<at::opmath_type<scalar_t>>& f, double scaling, const Dropout& drop) {
+                     const Factors<at::opmath_type<scalar_t>>& f, double scaling, const Dropout& drop,
+                     const at::Tensor& keep) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), in = x.size(1), out = y.size(1), R = f.R, d = f.d, RD = R * d;
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -332,11 +405,22 @@ void adapter_forward(const at::Tensor& x, at::Tensor& y, const c10::optional<at:
   acc_t* t_all = T.data_ptr<acc_t>();
   const acc_t* Aexp = f.Aexp.template data_ptr<acc_t>();
   const acc_t* Bexp = f.Bexp.template data_ptr<acc_t>();
+  const int64_t words = keep_words(in);
+  uint64_t* keep_all = drop.on() ? reinterpret_cast<uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
+  const Dropout no_drop;
   at::parallel_for(0, N, token_grain(R, in, out), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xbuf(in), delta(out), u(RD), tmp(RD), lanes(lane_width(d));
     for (int64_t n = begin; n < end; ++n) {
       acc_t* t = t_all + n * RD;
-      shrink_row<kW>(load_row(xp, n, in, drop, xbuf.data()), in, Aexp, R, d, t, lanes.data());
+      const acc_t* xr = load_row(xp, n, in, no_drop, xbuf.data());
+      if (drop.on()) {  // the token's keep-bits, saved so that backward need not draw them again
+        uint64_t* bits = keep_all + n * words;
+        drop.keep_bits(n * in, in, bits);
+        if (xr != xbuf.data()) std::copy(xr, xr + in, xbuf.begin());
+        scale_kept(bits, in, drop.keep_scale<acc_t>(), xbuf.data());
+        xr = xbuf.data();
+      }
+      shrink_row<kW>(xr, in, Aexp, R, d, t, lanes.data());
       f.mix(t, u.data(), tmp.data());
       for (auto& v : u) v *= static_cast<acc_t>(scaling);
       std::copy(bp, bp + out, delta.begin());
@@ -357,6 +441,7 @@ struct Partials {  // one thread's share of the factor gradients
 template <int64_t kW, typename scalar_t>
 void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& T, at::Tensor* dx,
                       const Factors<at::opmath_type<scalar_t>>& f, double scaling, const Dropout& drop,
+                      const at::Tensor& keep,
                       bool need_a, bool need_b, bool need_c, bool need_k,
                       std::vector<Partials<at::opmath_type<scalar_t>>>& partials) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -370,10 +455,12 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   const acc_t* c = f.C.template data_ptr<acc_t>();
   const acc_t* k = f.K.template data_ptr<acc_t>();
   const Dropout no_drop;
+  const int64_t words = keep_words(in);
+  const uint64_t* keep_all = drop.on() ? reinterpret_cast<const uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
+  const acc_t keep_scale = drop.keep_scale<acc_t>();
   at::parallel_for(0, N, token_grain(R, in, out), [&](int64_t begin, int64_t end) {
     auto& part = partials[at::get_thread_num()];
     std::vector<acc_t> gbuf(out), xbuf(in), dxrow(in), du(RD), dt(RD), u(RD), tmp(RD), lanes(lane_width(d));
-    std::vector<acc_t> keep(drop.on() ? in : 0);
     for (int64_t n = begin; n < end; ++n) {
       const acc_t* t = t_all + n * RD;
       const acc_t* g = load_row(gp, n, out, no_drop, gbuf.data());
@@ -400,14 +487,12 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
           }
       if (dx != nullptr || need_a) {
         f.mix_transposed(du.data(), dt.data(), tmp.data());  // dT = Cᵀ · dU · K
-        if (drop.on()) {  // the token's scaled keep-mask, drawn once for dA and dx
-          std::fill(keep.begin(), keep.end(), acc_t(1));
-          drop.apply(n * in, in, keep.data());
-        }
+        const uint64_t* bits = drop.on() ? keep_all + n * words : nullptr;  // the forward's keep-bits
         if (need_a) {  // dA += dT · drop(X)ᵀ
           const acc_t* xr = load_row(xp, n, in, no_drop, xbuf.data());
-          if (drop.on()) {
-            for (int64_t i = 0; i < in; ++i) xbuf[i] = xr[i] * keep[i];
+          if (bits != nullptr) {
+            if (xr != xbuf.data()) std::copy(xr, xr + in, xbuf.begin());
+            scale_kept(bits, in, keep_scale, xbuf.data());
             xr = xbuf.data();
           }
           outer_row<kW>(part.dAexp.data(), in, xr, R, d, dt.data(), lanes.data());
@@ -415,8 +500,7 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
         if (dx != nullptr) {  // dx = drop'(Aᵀ · dT); the caller adds dy·W with one in-place GEMM
           std::fill(dxrow.begin(), dxrow.end(), acc_t(0));
           expand_row<kW>(dxrow.data(), in, Aexp, R, d, dt.data(), lanes.data());
-          if (drop.on())
-            for (int64_t i = 0; i < in; ++i) dxrow[i] *= keep[i];
+          if (bits != nullptr) scale_kept(bits, in, keep_scale, dxrow.data());
           scalar_t* __restrict__ row = dxp + n * in;
           for (int64_t i = 0; i < in; ++i) row[i] = static_cast<scalar_t>(dxrow[i]);
         }
@@ -456,7 +540,7 @@ bool use_rank_gemms(const c10::optional<at::Tensor>& kernel, double p, at::Scala
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> structured_delta_forward_cpu(
     const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& A,
     const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
     double scaling, double p, c10::SymInt seed_sym) {
@@ -469,27 +553,29 @@ std::tuple<at::Tensor, at::Tensor> structured_delta_forward_cpu(
     auto U = core.has_value() ? at::mm(T, core->to(acc).t()) : T;
     auto y = at::linear(x, weight, bias);
     y.addmm_(U.to(x.scalar_type()), B.t(), 1.0, scaling);
-    return {y, T};
+    return {y, T, at::empty({0}, x.options().dtype(at::kLong))};
   }
   auto y = at::empty({x.size(0), weight.size(0)}, x.options());
   const int64_t d = kernel.has_value() ? kernel->size(0) : 1;
   auto T = at::empty({x.size(0), A.size(0) * d}, x.options().dtype(acc));
+  // The dropout keep-bits, one bit per element of x (1/32 of x in fp32): drawing them costs more than
+  // the rest of the adapter, so backward reads them instead of drawing them again.
+  auto keep = at::empty({p > 0.0 ? x.size(0) : 0, keep_words(x.size(1))}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "structured_delta_forward_cpu", [&] {
     Factors<at::opmath_type<scalar_t>> f(A, B, core, kernel, x.size(1), weight.size(0));
     with_lane_width(d, [&](auto lanes) {
-      adapter_forward<decltype(lanes)::value, scalar_t>(x, y, bias, T, f, scaling, Dropout{p, seed});
+      adapter_forward<decltype(lanes)::value, scalar_t>(x, y, bias, T, f, scaling, Dropout{p, seed}, keep);
     });
   });
   y.addmm_(x, weight.t());  // y += x Wᵀ through ATen's GEMM (MKL / oneDNN)
-  return {y, T};
+  return {y, T, keep};
 }
 
 std::vector<at::Tensor> structured_delta_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const c10::optional<at::Tensor>& core, const c10::optional<at::Tensor>& kernel,
-    const at::Tensor& T, double scaling, double p, c10::SymInt seed_sym, bool need_x, bool need_a, bool need_b,
+    const at::Tensor& T, const at::Tensor& keep, double scaling, double p, bool need_x, bool need_a, bool need_b,
     bool need_c, bool need_k) {
-  const int64_t seed = seed_sym.expect_int();  // concrete by the time a kernel runs
   check_common(x_in, weight, A, B);
   const auto x = x_in.contiguous();
   const auto grad_y = grad_y_in.contiguous();
@@ -498,6 +584,8 @@ std::vector<at::Tensor> structured_delta_backward_cpu(
   need_c = need_c && core.has_value();
   need_k = need_k && kernel.has_value();
   auto empty = [&] { return at::empty({0}, x.options()); };
+  TORCH_CHECK(p == 0.0 || (keep.dim() == 2 && keep.size(0) == x.size(0) && keep.size(1) == keep_words(in)),
+              "dcft_kernels cpp_backward: keep must be the keep-bits cpp_forward returned");
   if (use_rank_gemms(kernel, p, x.scalar_type())) {
     const auto dtype = x.scalar_type();
     // Skinny GEMMs are fast in one operand layout only (measured, MKL on 2 cores, 2048 × 1024, r = 8):
@@ -523,7 +611,8 @@ std::vector<at::Tensor> structured_delta_backward_cpu(
       partials.emplace_back(need_a ? R * in : 0, need_b ? R * out : 0, need_c ? R * R : 0, need_k ? d * d : 0);
     with_lane_width(d, [&](auto lanes) {
       adapter_backward<decltype(lanes)::value, scalar_t>(grad_y, x, T, need_x ? &dx : nullptr, f, scaling,
-                                                         Dropout{p, seed}, need_a, need_b, need_c, need_k, partials);
+                                                         Dropout{p, 0}, keep, need_a, need_b, need_c, need_k,
+                                                         partials);
     });
     // Reduce the per-thread partial sums once, then fold the expanded rows back to factor shape.
     auto sum_parts = [&](auto member, int64_t rows, int64_t cols) {

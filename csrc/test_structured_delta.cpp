@@ -19,12 +19,12 @@ bool check(int64_t n, int64_t in, int64_t out, int64_t d, int64_t r, bool with_c
   auto expected = torch::addmm(b, x, (w + s * delta).t());
 
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dcft_kernels::cpp_forward", "").typed<
-      std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+      std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                                          const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                                          const c10::optional<at::Tensor>&, double, double, c10::SymInt)>();
   auto cast = [&](const at::Tensor& t) { return t.to(dtype); };
   c10::optional<at::Tensor> core = with_core ? c10::optional<at::Tensor>(cast(C)) : c10::nullopt;
-  auto [y, T] = op.call(cast(x), cast(w), cast(b), cast(A), cast(B), core, cast(K), s, 0.0, c10::SymInt(0));
+  auto [y, T, keep] = op.call(cast(x), cast(w), cast(b), cast(A), cast(B), core, cast(K), s, 0.0, c10::SymInt(0));
 
   const double tol = dtype == torch::kFloat32 ? 1e-4 : 2e-2;
   const double err = (y.to(torch::kFloat64) - expected).abs().max().item<double>();

@@ -1,8 +1,9 @@
 """The autograd.Function of the structured-delta op, and backend dispatch.
 
 Saved for backward: ``x`` (a reference, never a copy), the frozen/trainable
-factors, and the small fp32 ``T`` (tokens × r × d_in). ΔW is never built, and the
-dropout mask is regenerated from its seed instead of being stored.
+factors, and the small fp32 ``T`` (tokens × r × d_in). ΔW is never built. The dropout
+mask is regenerated from its seed, except by the fused C++ CPU pass, which keeps it as
+bits (1/32 of ``x`` in fp32): on a CPU, drawing it costs more than the rest of the adapter.
 """
 from __future__ import annotations
 
@@ -82,13 +83,14 @@ class StructuredDeltaLinearFunction(torch.autograd.Function):
         ops = _OPS[backend]
         x2d = x.reshape(-1, x.shape[-1])
         fused = hasattr(ops, "fuses") and ops.fuses(x2d, A, kernel, order, activation, row_scale)
-        if fused:
-            y, T = ops.forward(x2d, weight, bias, A, B, core, kernel, scaling, p, seed)
+        if fused:  # saved: what the backend's own backward needs (T, and for some the dropout keep-bits)
+            y, saved = ops.forward(x2d, weight, bias, A, B, core, kernel, scaling, p, seed)
         else:
             y, T = plan.forward(ops, x2d, weight, bias, A, B, core, kernel, row_scale, scaling, p, seed, order,
                                 activation)
+            saved = (T,)
         # x itself, not its 2-D view: a non-contiguous x would be copied by reshape.
-        ctx.save_for_backward(x, weight, A, B, core, kernel, row_scale, T)
+        ctx.save_for_backward(x, weight, A, B, core, kernel, row_scale, *saved)
         ctx.scaling, ctx.p, ctx.seed, ctx.order, ctx.activation = scaling, p, seed, order, activation
         ctx.backend, ctx.fused = backend, fused
         # Not a view of y (without copying it), for any leading dims: FSDP2 and in-place residual adds
@@ -98,16 +100,17 @@ class StructuredDeltaLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, A, B, core, kernel, row_scale, T = ctx.saved_tensors
+        x, weight, A, B, core, kernel, row_scale, *saved = ctx.saved_tensors
         x2d = x.reshape(-1, x.shape[-1])
         grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
         need_x, need_w, need_bias, need_a, need_b, need_c, need_k = ctx.needs_input_grad[:7]
         needs = (need_x, need_a, need_b, need_c, need_k)  # False for an absent core or kernel
         ops = _OPS[ctx.backend]
         if ctx.fused:
-            grads = ops.backward(grad_y2d, x2d, weight, A, B, core, kernel, T, ctx.scaling, ctx.p, ctx.seed, needs)
+            grads = ops.backward(grad_y2d, x2d, weight, A, B, core, kernel, saved, ctx.scaling, ctx.p, ctx.seed,
+                                 needs)
         else:
-            grads = plan.backward(ops, grad_y2d, x2d, weight, A, B, core, kernel, row_scale, T, ctx.scaling, ctx.p,
+            grads = plan.backward(ops, grad_y2d, x2d, weight, A, B, core, kernel, row_scale, saved[0], ctx.scaling, ctx.p,
                                   ctx.seed, ctx.order, ctx.activation, needs)
         dx, dA, dB, dC, dK = grads
         if dx is not None:

@@ -44,8 +44,9 @@ def test_ops_are_registered_with_torch_library():
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(torch.ops.dcft_kernels.cpp_forward.default, (x, W, b, A, B, C, K, 0.5, 0.1, 3),
                           test_utils=utils)
-    y, T = torch.ops.dcft_kernels.cpp_forward(x, W, b, A, B, C, K, 0.5, 0.1, 3)
-    args = (torch.randn_like(y), x, W, A, B, C, K, T, 0.5, 0.1, 3, True, True, True, True, False)
+    y, T, keep = torch.ops.dcft_kernels.cpp_forward(x, W, b, A, B, C, K, 0.5, 0.1, 3)
+    assert keep.shape == (x.shape[0], 1) and keep.dtype == torch.int64  # 20 features: one word of keep-bits
+    args = (torch.randn_like(y), x, W, A, B, C, K, T, keep, 0.5, 0.1, True, True, True, True, False)
     torch.library.opcheck(torch.ops.dcft_kernels.cpp_backward.default, args, test_utils=utils)
 
 
@@ -159,20 +160,32 @@ def test_default_build_flags_are_portable(monkeypatch):
         importlib.reload(cpp_backend)
 
 
+_STREAM_CHECK = (
+    "import torch\n"
+    "from dcft_kernels.dropout import dropout_mask\n"
+    "from dcft_kernels.ops import cpp_backend\n"
+    "cpp_backend.is_available()\n"
+    "x = torch.ones(37, 129)\n"  # odd sizes: every row starts at a different place in a Philox window
+    "T = torch.ops.dcft_kernels.cpp_shrink(x, torch.eye(129), 1, 1.0, 0.3, 123456789012)\n"
+    "want = dropout_mask(x.shape, 0.3, 123456789012, x.device, x.dtype)\n"
+    "assert torch.equal(T.view(37, 129), want), (T.view(37, 129) != want).sum()\n"
+    "out = torch.zeros(5, 4099)\n"  # rows longer than one block of 32 mask words
+    "torch.ops.dcft_kernels.cpp_expand_(out, torch.ones(5, 1, 1), torch.ones(4099, 1), 1.0, 0.3, 42)\n"
+    "assert torch.equal(out, dropout_mask(out.shape, 0.3, 42, out.device, out.dtype))\n"
+)
+
+
+@needs_cpp
+def test_dropout_stream_matches_dropout_py():
+    """The mask the C++ code draws on this machine (AVX2 where the CPU has it) is dropout.py's."""
+    exec(_STREAM_CHECK, {})
+
+
 @needs_cpp
 def test_scalar_and_avx2_dropout_streams_agree():
     """The CPU draws masks with AVX2 where the CPU has it, else with scalar code: both give the stream
-    of dropout.py (this machine's path runs in the op tests; here the scalar one, forced)."""
-    code = (
-        "import torch\n"
-        "from dcft_kernels.dropout import dropout_mask\n"
-        "from dcft_kernels.ops import cpp_backend\n"
-        "cpp_backend.is_available()\n"
-        "x = torch.ones(37, 129)\n"  # odd sizes: windows straddle rows
-        "T = torch.ops.dcft_kernels.cpp_shrink(x, torch.eye(129), 1, 1.0, 0.3, 123456789012)\n"
-        "want = dropout_mask(x.shape, 0.3, 123456789012, x.device, x.dtype)\n"
-        "assert torch.equal(T.view(37, 129), want), (T.view(37, 129) != want).sum()\n"
-    )
+    of dropout.py (here the scalar one, forced)."""
     env = {**os.environ, "DCFT_KERNELS_NO_AVX2": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _STREAM_CHECK], capture_output=True, text=True, env=env,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

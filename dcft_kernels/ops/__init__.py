@@ -11,8 +11,11 @@ backward, over 2-D token-major tensors in the DCFT layout (feature ``i·d + j``)
 and may declare a fused override of the whole layer, for the calls where it fuses passes::
 
     fuses(x, A, kernel, order, activation, row_scale) -> bool
-    forward(x, weight, bias, A, B, core, kernel, scaling, p, seed) -> (y, T)
-    backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad) -> (dx, dA, dB, dC, dK)
+    forward(x, weight, bias, A, B, core, kernel, scaling, p, seed) -> (y, saved)
+    backward(grad_y, x, weight, A, B, core, kernel, saved, scaling, p, seed, needs_grad) -> (dx, dA, dB, dC, dK)
+
+where ``saved`` is the tuple of tensors its backward needs (``T``; the C++ CPU pass adds the dropout
+keep-bits).
 
 The weight and bias gradients are the same for every backend and live in ``autograd.py``.
 """

@@ -55,10 +55,11 @@ def _register_fakes() -> None:
     def _(x, weight, bias, A, B, core, kernel, scaling, p, seed):
         d = 1 if kernel is None else kernel.shape[0]
         acc = torch.promote_types(x.dtype, torch.float32)
-        return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], A.shape[0] * d, dtype=acc)
+        keep = x.new_empty(x.shape[0] if p > 0 else 0, -(-x.shape[1] // 64), dtype=torch.int64)
+        return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], A.shape[0] * d, dtype=acc), keep
 
     @torch.library.register_fake("dcft_kernels::cpp_backward")
-    def _(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, need_x, need_a, need_b, need_c, need_k):
+    def _(grad_y, x, weight, A, B, core, kernel, T, keep, scaling, p, need_x, need_a, need_b, need_c, need_k):
         def maybe(flag, ref):
             return ref.new_empty(ref.shape) if flag and ref is not None else x.new_empty(0)
 
@@ -100,11 +101,14 @@ def fuses(x, A, kernel, order, activation, row_scale) -> bool:
 
 
 def forward(x, weight, bias, A, B, core, kernel, scaling, p, seed):
-    return torch.ops.dcft_kernels.cpp_forward(x, weight, bias, A, B, core, kernel, scaling, p, seed)
+    """(y, saved): saved is T and the dropout keep-bits, which backward reads instead of redrawing."""
+    y, T, keep = torch.ops.dcft_kernels.cpp_forward(x, weight, bias, A, B, core, kernel, scaling, p, seed)
+    return y, (T, keep)
 
 
-def backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad):
-    outs = torch.ops.dcft_kernels.cpp_backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, *needs_grad)
+def backward(grad_y, x, weight, A, B, core, kernel, saved, scaling, p, seed, needs_grad):
+    T, keep = saved
+    outs = torch.ops.dcft_kernels.cpp_backward(grad_y, x, weight, A, B, core, kernel, T, keep, scaling, p, *needs_grad)
     return tuple(out if flag else None for out, flag in zip(outs, needs_grad))
 
 

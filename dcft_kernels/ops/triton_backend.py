@@ -304,10 +304,13 @@ def fuses(x, A, kernel, order, activation, row_scale) -> bool:
 
 
 def forward(x, weight, bias, A, B, core, kernel, scaling, p, seed):
-    return triton_forward(x, weight, bias, A, B, _small(core), _small(kernel), scaling, p, seed)
+    """(y, (T,)): the mask is regenerated from the seed in backward."""
+    y, T = triton_forward(x, weight, bias, A, B, _small(core), _small(kernel), scaling, p, seed)
+    return y, (T,)
 
 
-def backward(grad_y, x, weight, A, B, core, kernel, T, scaling, p, seed, needs_grad):
+def backward(grad_y, x, weight, A, B, core, kernel, saved, scaling, p, seed, needs_grad):
+    (T,) = saved
     need_x, need_a, need_b, need_c, need_k = needs_grad
     need_c, need_k = need_c and core is not None, need_k and kernel is not None
     dx, flat = triton_backward(grad_y, x, weight, A, B, _small(core), _small(kernel), T, scaling, p,
