@@ -145,11 +145,12 @@ __attribute__((target("avx2"))) void scale_kept_avx2(const uint64_t* bits, int64
 }
 #endif
 
-// AVX2 where the CPU has it (the package is compiled portable); DCFT_KERNELS_NO_AVX2=1 forces the
-// scalar code (a test compares the two).
+// AVX2 (with FMA) where the CPU has it (the package is compiled portable); DCFT_KERNELS_NO_AVX2=1
+// forces the portable code (a test compares the two).
 inline bool use_avx2() {
 #if defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && std::getenv("DCFT_KERNELS_NO_AVX2") == nullptr;
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           std::getenv("DCFT_KERNELS_NO_AVX2") == nullptr;
   return avx2;
 #else
   return false;
@@ -228,6 +229,39 @@ struct Dropout {
 };
 
 // ---- per-token primitives -------------------------------------------------------------------
+//
+// The per-token loops are compiled twice: portable, and for AVX2 + FMA (8-wide fused multiply-adds,
+// about twice the portable build's SSE2 throughput), picked per call by use_avx2(). Each parallel
+// body is a lambda forced inline, with everything it calls, into both run_tokens_* functions, so
+// that the target attribute of run_tokens_avx2 reaches all of its loops.
+#if defined(__GNUC__)
+#define DCFT_INLINE inline __attribute__((always_inline))
+#define DCFT_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define DCFT_INLINE inline
+#define DCFT_INLINE_LAMBDA
+#endif
+
+template <typename Body>
+void run_tokens_portable(int64_t begin, int64_t end, const Body& body) { body(begin, end); }
+
+#if defined(__x86_64__)
+template <typename Body>
+__attribute__((target("avx2,fma"))) void run_tokens_avx2(int64_t begin, int64_t end, const Body& body) {
+  body(begin, end);
+}
+#endif
+
+// at::parallel_for over tokens [0, N), each range run by the build of body this CPU runs fastest.
+template <typename Body>
+void parallel_tokens(int64_t N, int64_t grain, const Body& body) {
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+#if defined(__x86_64__)
+    if (use_avx2()) return run_tokens_avx2(begin, end, body);
+#endif
+    run_tokens_portable(begin, end, body);
+  });
+}
 
 // Lane-buffer width: a multiple of d, at least 32, so the inner loops vectorise. For the
 // kernel sizes that divide 32 it is the compile-time 32 (kW), which lets the compiler keep the
@@ -239,7 +273,7 @@ inline int64_t lane_width(int64_t d) { return d * ((32 + d - 1) / d); }
 
 // out[r][j] = Σ_{k ≡ j (mod d)} S[r][k] · v[k]        S: R × F (expanded), v: F, out: R × d
 template <int64_t kW, typename acc_t>
-void shrink_row(const acc_t* __restrict__ v, int64_t F, const acc_t* __restrict__ S, int64_t R, int64_t d,
+DCFT_INLINE void shrink_row(const acc_t* __restrict__ v, int64_t F, const acc_t* __restrict__ S, int64_t R, int64_t d,
                 acc_t* __restrict__ out, acc_t* __restrict__ lanes) {
   const int64_t W = kW ? kW : lane_width(d);
   for (int64_t r = 0; r < R; ++r) {
@@ -267,7 +301,7 @@ void shrink_row(const acc_t* __restrict__ v, int64_t F, const acc_t* __restrict_
 
 // acc[k] += Σ_r S[r][k] · u[r][k % d]                   S: R × F (expanded), u: R × d, acc: F
 template <int64_t kW, typename acc_t>
-void expand_row(acc_t* __restrict__ acc, int64_t F, const acc_t* __restrict__ S, int64_t R, int64_t d,
+DCFT_INLINE void expand_row(acc_t* __restrict__ acc, int64_t F, const acc_t* __restrict__ S, int64_t R, int64_t d,
                 const acc_t* __restrict__ u, acc_t* __restrict__ lanes) {
   const int64_t W = kW ? kW : lane_width(d);
   for (int64_t r = 0; r < R; ++r) {
@@ -283,7 +317,7 @@ void expand_row(acc_t* __restrict__ acc, int64_t F, const acc_t* __restrict__ S,
 
 // G[r][k] += v[k] · u[r][k % d]  — the per-token outer product behind dA and dB.
 template <int64_t kW, typename acc_t>
-void outer_row(acc_t* __restrict__ G, int64_t F, const acc_t* __restrict__ v, int64_t R, int64_t d,
+DCFT_INLINE void outer_row(acc_t* __restrict__ G, int64_t F, const acc_t* __restrict__ v, int64_t R, int64_t d,
                const acc_t* __restrict__ u, acc_t* __restrict__ lanes) {
   const int64_t W = kW ? kW : lane_width(d);
   for (int64_t r = 0; r < R; ++r) {
@@ -334,7 +368,7 @@ struct Factors {
   }
 
   // U = C · T · Kᵀ (r × d) for one token.
-  void mix(const acc_t* T, acc_t* U, acc_t* tmp) const {
+  DCFT_INLINE void mix(const acc_t* T, acc_t* U, acc_t* tmp) const {
     const acc_t* c = C.data_ptr<acc_t>();
     const acc_t* k = K.data_ptr<acc_t>();
     for (int64_t s = 0; s < R; ++s)  // tmp = T · Kᵀ
@@ -352,7 +386,7 @@ struct Factors {
   }
 
   // dT = Cᵀ · dU · K (r × d) for one token.
-  void mix_transposed(const acc_t* dU, acc_t* dT, acc_t* tmp) const {
+  DCFT_INLINE void mix_transposed(const acc_t* dU, acc_t* dT, acc_t* tmp) const {
     const acc_t* c = C.data_ptr<acc_t>();
     const acc_t* k = K.data_ptr<acc_t>();
     for (int64_t r = 0; r < R; ++r)  // tmp = dU · K
@@ -373,7 +407,7 @@ struct Factors {
 // Row n of a contiguous (N, F) tensor as acc_t: the row itself when no conversion or dropout is
 // needed, else converted (and dropped out) into `buffer`.
 template <typename scalar_t, typename acc_t>
-const acc_t* load_row(const scalar_t* base, int64_t n, int64_t F, const Dropout& drop, acc_t* buffer) {
+DCFT_INLINE const acc_t* load_row(const scalar_t* base, int64_t n, int64_t F, const Dropout& drop, acc_t* buffer) {
   const scalar_t* row = base + n * F;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (!drop.on()) return row;
@@ -408,8 +442,9 @@ void adapter_forward(const at::Tensor& x, at::Tensor& y, const c10::optional<at:
   const int64_t words = keep_words(in);
   uint64_t* keep_all = drop.on() ? reinterpret_cast<uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
   const Dropout no_drop;
-  at::parallel_for(0, N, token_grain(R, in, out), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf(in), delta(out), u(RD), tmp(RD), lanes(lane_width(d));
+  parallel_tokens(N, token_grain(R, in, out), [&](int64_t begin, int64_t end) DCFT_INLINE_LAMBDA {
+    constexpr bool kRoundOnce = !std::is_same_v<scalar_t, acc_t>;  // 16-bit rows summed in fp32
+    std::vector<acc_t> xbuf(in), delta(kRoundOnce ? out : 0), u(RD), tmp(RD), lanes(lane_width(d));
     for (int64_t n = begin; n < end; ++n) {
       acc_t* t = t_all + n * RD;
       const acc_t* xr = load_row(xp, n, in, no_drop, xbuf.data());
@@ -423,10 +458,13 @@ void adapter_forward(const at::Tensor& x, at::Tensor& y, const c10::optional<at:
       shrink_row<kW>(xr, in, Aexp, R, d, t, lanes.data());
       f.mix(t, u.data(), tmp.data());
       for (auto& v : u) v *= static_cast<acc_t>(scaling);
-      std::copy(bp, bp + out, delta.begin());
-      expand_row<kW>(delta.data(), out, Bexp, R, d, u.data(), lanes.data());
       scalar_t* __restrict__ row = yp + n * out;
-      for (int64_t m = 0; m < out; ++m) row[m] = static_cast<scalar_t>(delta[m]);
+      // In y's own row when it is in the accumulation type, else in fp32 and rounded once.
+      acc_t* acc_row = kRoundOnce ? delta.data() : reinterpret_cast<acc_t*>(row);
+      std::copy(bp, bp + out, acc_row);
+      expand_row<kW>(acc_row, out, Bexp, R, d, u.data(), lanes.data());
+      if constexpr (kRoundOnce)
+        for (int64_t m = 0; m < out; ++m) row[m] = static_cast<scalar_t>(delta[m]);
     }
   });
 }
@@ -458,9 +496,11 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   const int64_t words = keep_words(in);
   const uint64_t* keep_all = drop.on() ? reinterpret_cast<const uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
   const acc_t keep_scale = drop.keep_scale<acc_t>();
-  at::parallel_for(0, N, token_grain(R, in, out), [&](int64_t begin, int64_t end) {
+  parallel_tokens(N, token_grain(R, in, out), [&](int64_t begin, int64_t end) DCFT_INLINE_LAMBDA {
     auto& part = partials[at::get_thread_num()];
-    std::vector<acc_t> gbuf(out), xbuf(in), dxrow(in), du(RD), dt(RD), u(RD), tmp(RD), lanes(lane_width(d));
+    constexpr bool kRoundOnce = !std::is_same_v<scalar_t, acc_t>;
+    std::vector<acc_t> gbuf(out), xbuf(in), dxrow(kRoundOnce ? in : 0), du(RD), dt(RD), u(RD), tmp(RD);
+    std::vector<acc_t> lanes(lane_width(d));
     for (int64_t n = begin; n < end; ++n) {
       const acc_t* t = t_all + n * RD;
       const acc_t* g = load_row(gp, n, out, no_drop, gbuf.data());
@@ -498,11 +538,13 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
           outer_row<kW>(part.dAexp.data(), in, xr, R, d, dt.data(), lanes.data());
         }
         if (dx != nullptr) {  // dx = drop'(Aᵀ · dT); the caller adds dy·W with one in-place GEMM
-          std::fill(dxrow.begin(), dxrow.end(), acc_t(0));
-          expand_row<kW>(dxrow.data(), in, Aexp, R, d, dt.data(), lanes.data());
-          if (bits != nullptr) scale_kept(bits, in, keep_scale, dxrow.data());
           scalar_t* __restrict__ row = dxp + n * in;
-          for (int64_t i = 0; i < in; ++i) row[i] = static_cast<scalar_t>(dxrow[i]);
+          acc_t* acc_row = kRoundOnce ? dxrow.data() : reinterpret_cast<acc_t*>(row);
+          std::fill(acc_row, acc_row + in, acc_t(0));
+          expand_row<kW>(acc_row, in, Aexp, R, d, dt.data(), lanes.data());
+          if (bits != nullptr) scale_kept(bits, in, keep_scale, acc_row);
+          if constexpr (kRoundOnce)
+            for (int64_t i = 0; i < in; ++i) row[i] = static_cast<scalar_t>(dxrow[i]);
         }
       }
     }
@@ -525,7 +567,7 @@ at::Tensor fold_expanded(const at::Tensor& G, int64_t d, int64_t blocks) {
 // A small (rows, r) matrix with the same values, laid out column-major (a transposed view of a copy).
 at::Tensor column_major(const at::Tensor& m) { return m.t().contiguous().t(); }
 
-// d = 1 without dropout (LoRA, DeLoRA, the LoKr order's view): shrink and expand are plain rank-r
+// d = 1 (LoRA, DeLoRA, the LoKr order's view) without dropout: shrink and expand are plain rank-r
 // GEMMs, which MKL / oneDNN run faster than any per-token loop (above all on the LoKr view's many
 // short rows). Same results, same saved T.
 // fp32/fp64 only: a 16-bit GEMM would round x·Aᵀ (or x·Wᵀ) before the delta is added, overflowing
@@ -534,8 +576,30 @@ bool plain_gemm(int64_t d, double p, at::ScalarType dtype) {
   return d == 1 && p == 0.0 && (dtype == at::kFloat || dtype == at::kDouble);
 }
 
-bool use_rank_gemms(const c10::optional<at::Tensor>& kernel, double p, at::ScalarType dtype) {
-  return !kernel.has_value() && plain_gemm(1, p, dtype);
+// The fused op also takes the rank GEMMs with dropout: they run on drop(x), written once per pass
+// from the keep-bits (a pass over x is cheaper than a per-token loop at rank 8).
+bool use_rank_gemms(const c10::optional<at::Tensor>& kernel, at::ScalarType dtype) {
+  return !kernel.has_value() && plain_gemm(1, 0.0, dtype);
+}
+
+// dst = src with the keep-bits of its rows applied (dst may be src). With draw, the bits are drawn
+// into keep first; else keep holds them. fp32/fp64 (the rank-GEMM path's types).
+void apply_keep_bits(const at::Tensor& src, at::Tensor& dst, const at::Tensor& keep, const Dropout& drop, bool draw) {
+  const int64_t N = src.size(0), F = src.size(1), words = keep_words(F);
+  uint64_t* keep_all = reinterpret_cast<uint64_t*>(keep.data_ptr<int64_t>());
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "apply_keep_bits", [&] {
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    scalar_t* dp = dst.data_ptr<scalar_t>();
+    const scalar_t keep_scale = drop.keep_scale<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, (int64_t(1) << 14) / F), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        uint64_t* bits = keep_all + n * words;
+        if (draw) drop.keep_bits(n * F, F, bits);
+        if (dp != sp) std::copy(sp + n * F, sp + (n + 1) * F, dp + n * F);
+        scale_kept(bits, F, keep_scale, dp + n * F);
+      }
+    });
+  });
 }
 
 }  // namespace
@@ -548,12 +612,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> structured_delta_forward_cpu(
   check_common(x_in, weight, A, B);
   const auto x = x_in.contiguous();
   const auto acc = at::toOpMathType(x.scalar_type());
-  if (use_rank_gemms(kernel, p, x.scalar_type())) {
-    auto T = at::mm(x, A.t()).to(acc);  // (N, r)
-    auto U = core.has_value() ? at::mm(T, core->to(acc).t()) : T;
-    auto y = at::linear(x, weight, bias);
-    y.addmm_(U.to(x.scalar_type()), B.t(), 1.0, scaling);
-    return {y, T, at::empty({0}, x.options().dtype(at::kLong))};
+  if (use_rank_gemms(kernel, x.scalar_type())) {
+    auto keep = at::empty({p > 0.0 ? x.size(0) : 0, keep_words(x.size(1))}, x.options().dtype(at::kLong));
+    at::Tensor x_drop = x;
+    if (p > 0.0) {
+      x_drop = at::empty_like(x);
+      apply_keep_bits(x, x_drop, keep, Dropout{p, seed}, /*draw=*/true);
+    }
+    auto T = at::mm(x_drop, A.t()).to(acc);  // (N, r)
+    auto U = (core.has_value() ? at::mm(T, core->to(acc).t()) : T).to(x.scalar_type());
+    // y = b + s·U·Bᵀ first, where nn.Linear would broadcast b, then x Wᵀ added in place: y is
+    // written once and read once by the big GEMM, as in nn.Linear.
+    auto y = bias.has_value() ? at::addmm(*bias, U, B.t(), 1.0, scaling) : at::mm(U, B.t() * scaling);
+    y.addmm_(x, weight.t());
+    return {y, T, keep};
   }
   auto y = at::empty({x.size(0), weight.size(0)}, x.options());
   const int64_t d = kernel.has_value() ? kernel->size(0) : 1;
@@ -586,17 +658,28 @@ std::vector<at::Tensor> structured_delta_backward_cpu(
   auto empty = [&] { return at::empty({0}, x.options()); };
   TORCH_CHECK(p == 0.0 || (keep.dim() == 2 && keep.size(0) == x.size(0) && keep.size(1) == keep_words(in)),
               "dcft_kernels cpp_backward: keep must be the keep-bits cpp_forward returned");
-  if (use_rank_gemms(kernel, p, x.scalar_type())) {
+  if (use_rank_gemms(kernel, x.scalar_type())) {
     const auto dtype = x.scalar_type();
+    const Dropout drop{p, 0};  // the keep-bits are read, not drawn
     // Skinny GEMMs are fast in one operand layout only (measured, MKL on 2 cores, 2048 × 1024, r = 8):
     // dy · B reads B best column-major (0.9 vs 1.6 ms), and dB as (Uᵀ · dy)ᵀ takes 1 ms where
     // dyᵀ · U takes 8.5.
     auto dU = at::mm(grad_y, column_major(B)).to(T.scalar_type()).mul_(scaling);  // (N, r)
     auto dT = core.has_value() ? at::mm(dU, core->to(T.scalar_type())) : dU;
     auto U = core.has_value() ? at::mm(T, core->to(T.scalar_type()).t()) : T;
-    at::Tensor dx = need_x ? at::mm(grad_y, weight).addmm_(dT.to(dtype), A) : empty();
-    // In the input dtype (GEMMs accumulate in fp32), so x and dy are never copied.
-    at::Tensor dA = need_a ? at::mm(dT.t().to(dtype), x).to(A.scalar_type()) : empty();
+    at::Tensor dx = empty();
+    if (need_x) {  // dx = drop'(dT·A) + dy·W: the delta first, so that dx is written once, as y is
+      dx = at::mm(dT.to(dtype), A);
+      if (drop.on()) apply_keep_bits(dx, dx, keep, drop, /*draw=*/false);
+      dx.addmm_(grad_y, weight);
+    }
+    // In the input dtype (GEMMs accumulate in fp32), so x and dy are never copied (but for dropout).
+    at::Tensor x_drop = x;
+    if (need_a && drop.on()) {
+      x_drop = at::empty_like(x);
+      apply_keep_bits(x, x_drop, keep, drop, /*draw=*/false);
+    }
+    at::Tensor dA = need_a ? at::mm(dT.t().to(dtype), x_drop).to(A.scalar_type()) : empty();
     at::Tensor dB = need_b ? at::mm(U.to(dtype).t(), grad_y).mul_(scaling).t().contiguous().to(B.scalar_type()) : empty();
     at::Tensor dC = need_c ? at::mm(dU.t(), T).to(core->scalar_type()) : empty();
     return {dx, dA, dB, dC, empty()};
@@ -655,7 +738,7 @@ at::Tensor shrink_cpu(const at::Tensor& v_in, const at::Tensor& M, int64_t d, do
     const scalar_t* vp = v.data_ptr<scalar_t>();
     acc_t* tp = T.data_ptr<acc_t>();
     with_lane_width(d, [&](auto lanes_w) {
-      at::parallel_for(0, N, token_grain(R, F, 0), [&](int64_t begin, int64_t end) {
+      parallel_tokens(N, token_grain(R, F, 0), [&](int64_t begin, int64_t end) DCFT_INLINE_LAMBDA {
         std::vector<acc_t> buf(F), lanes(lane_width(d));
         for (int64_t n = begin; n < end; ++n) {
           acc_t* t = tp + n * R * d;
@@ -687,7 +770,7 @@ void expand_cpu_(at::Tensor& out, const at::Tensor& U_in, const at::Tensor& M, d
     const acc_t* up = U.data_ptr<acc_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     with_lane_width(d, [&](auto lanes_w) {
-      at::parallel_for(0, N, token_grain(R, 0, F), [&](int64_t begin, int64_t end) {
+      parallel_tokens(N, token_grain(R, 0, F), [&](int64_t begin, int64_t end) DCFT_INLINE_LAMBDA {
         std::vector<acc_t> delta(F), u(R * d), lanes(lane_width(d));
         for (int64_t n = begin; n < end; ++n) {
           for (int64_t c = 0; c < R * d; ++c) u[c] = up[n * R * d + c] * static_cast<acc_t>(scale);
@@ -718,7 +801,7 @@ at::Tensor reduce_cpu(const at::Tensor& v_in, const at::Tensor& U_in, int64_t bl
     // One thread's share of Σ_n U[n][r][k % d] · drop(v)[n][k] per feature, summed once at the end.
     std::vector<std::vector<acc_t>> partials(at::get_num_threads(), std::vector<acc_t>(R * F, acc_t(0)));
     with_lane_width(d, [&](auto lanes_w) {
-      at::parallel_for(0, N, token_grain(R, F, 0), [&](int64_t begin, int64_t end) {
+      parallel_tokens(N, token_grain(R, F, 0), [&](int64_t begin, int64_t end) DCFT_INLINE_LAMBDA {
         auto& part = partials[at::get_thread_num()];
         std::vector<acc_t> buf(F), lanes(lane_width(d));
         for (int64_t n = begin; n < end; ++n)

@@ -85,9 +85,10 @@ def test_non_contiguous_x(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("d,r", [(8, 1), (3, 2), (1, 4)])
-def test_dropout_matches_reference_with_same_mask(backend, d, r):
-    pb = make_problem((3, 4), 19, 23, d, r, core=(d == 1))
+@pytest.mark.parametrize("d,r,kernel", [(8, 1, True), (3, 2, True), (1, 4, True), (1, 4, False)])
+def test_dropout_matches_reference_with_same_mask(backend, d, r, kernel):
+    """(1, 4, no kernel): LoRA/DeLoRA, which the C++ CPU pass runs as rank GEMMs on the dropped x."""
+    pb = make_problem((3, 4), 19, 23, d, r, core=(d == 1), kernel=kernel)
     check_against_reference(pb, _run(backend, dropout=0.3, seed=1234), torch.float32, p=0.3, seed=1234)
 
 
@@ -135,8 +136,8 @@ def test_saves_x_by_reference_and_only_small_T(backend):
 
 @pytest.mark.parametrize("backend", [b for b in FUSED_BACKENDS if b != "triton"])  # triton: no fp64 kernels
 def test_gradcheck_float64(backend):
-    for d, r, core in [(3, 2, True), (4, 1, False), (1, 3, True)]:
-        pb = make_problem((2, 3), 11, 7, d, r, core=core, dtype=torch.float64, trainable_weight=True)
+    for d, r, core, kernel in [(3, 2, True, True), (4, 1, False, True), (1, 3, True, True), (1, 3, True, False)]:
+        pb = make_problem((2, 3), 11, 7, d, r, core=core, kernel=kernel, dtype=torch.float64, trainable_weight=True)
         for p in (0.0, 0.4):
             def f(*ts, p=p, scaling=pb.scaling):
                 return structured_delta_linear(*ts, scaling=scaling, dropout=p, seed=11, backend=backend)
