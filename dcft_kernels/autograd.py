@@ -110,7 +110,8 @@ class StructuredDeltaLinearFunction(torch.autograd.Function):
             grads = ops.backward(grad_y2d, x2d, weight, A, B, core, kernel, saved, ctx.scaling, ctx.p, ctx.seed,
                                  needs)
         else:
-            grads = plan.backward(ops, grad_y2d, x2d, weight, A, B, core, kernel, row_scale, saved[0], ctx.scaling, ctx.p,
+            (T,) = saved
+            grads = plan.backward(ops, grad_y2d, x2d, weight, A, B, core, kernel, row_scale, T, ctx.scaling, ctx.p,
                                   ctx.seed, ctx.order, ctx.activation, needs)
         dx, dA, dB, dC, dK = grads
         if dx is not None:
