@@ -48,6 +48,9 @@ def test_ops_are_registered_with_torch_library():
     assert keep.shape == (x.shape[0], 1) and keep.dtype == torch.int64  # 20 features: one word of keep-bits
     args = (torch.randn_like(y), x, W, A, B, C, K, T, keep, 0.5, 0.1, True, True, True, True, False)
     torch.library.opcheck(torch.ops.dcft_kernels.cpp_backward.default, args, test_utils=utils)
+    no_bits = args[:8] + (torch.empty(0, 1, dtype=torch.int64),) + args[9:]
+    with pytest.raises(RuntimeError, match="keep must be the keep-bits"):  # dropout needs the forward's bits
+        torch.ops.dcft_kernels.cpp_backward(*no_bits)
 
 
 @pytest.fixture
