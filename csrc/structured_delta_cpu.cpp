@@ -417,6 +417,19 @@ DCFT_INLINE const acc_t* load_row(const scalar_t* base, int64_t n, int64_t F, co
   return buffer;
 }
 
+// The same with the row's keep-bits already at hand (nullptr: no dropout).
+template <typename scalar_t, typename acc_t>
+DCFT_INLINE const acc_t* load_kept_row(const scalar_t* base, int64_t n, int64_t F, const uint64_t* bits,
+                                       acc_t keep_scale, acc_t* buffer) {
+  const scalar_t* row = base + n * F;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (bits == nullptr) return row;
+  }
+  for (int64_t k = 0; k < F; ++k) buffer[k] = static_cast<acc_t>(row[k]);
+  if (bits != nullptr) scale_kept(bits, F, keep_scale, buffer);
+  return buffer;
+}
+
 // Tokens per parallel task: enough that each task has ~64K multiply-adds, so small calls stay
 // on one thread instead of paying for waking the others.
 inline int64_t token_grain(int64_t R, int64_t in, int64_t out) {
@@ -441,21 +454,15 @@ void adapter_forward(const at::Tensor& x, at::Tensor& y, const c10::optional<at:
   const acc_t* Bexp = f.Bexp.template data_ptr<acc_t>();
   const int64_t words = keep_words(in);
   uint64_t* keep_all = drop.on() ? reinterpret_cast<uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
-  const Dropout no_drop;
+  const acc_t keep_scale = drop.keep_scale<acc_t>();
   parallel_tokens(N, token_grain(R, in, out), [&](int64_t begin, int64_t end) DCFT_INLINE_LAMBDA {
     constexpr bool kRoundOnce = !std::is_same_v<scalar_t, acc_t>;  // 16-bit rows summed in fp32
     std::vector<acc_t> xbuf(in), delta(kRoundOnce ? out : 0), u(RD), tmp(RD), lanes(lane_width(d));
     for (int64_t n = begin; n < end; ++n) {
       acc_t* t = t_all + n * RD;
-      const acc_t* xr = load_row(xp, n, in, no_drop, xbuf.data());
-      if (drop.on()) {  // the token's keep-bits, saved so that backward need not draw them again
-        uint64_t* bits = keep_all + n * words;
-        drop.keep_bits(n * in, in, bits);
-        if (xr != xbuf.data()) std::copy(xr, xr + in, xbuf.begin());
-        scale_kept(bits, in, drop.keep_scale<acc_t>(), xbuf.data());
-        xr = xbuf.data();
-      }
-      shrink_row<kW>(xr, in, Aexp, R, d, t, lanes.data());
+      uint64_t* bits = drop.on() ? keep_all + n * words : nullptr;
+      if (bits != nullptr) drop.keep_bits(n * in, in, bits);  // saved: backward need not draw them again
+      shrink_row<kW>(load_kept_row(xp, n, in, bits, keep_scale, xbuf.data()), in, Aexp, R, d, t, lanes.data());
       f.mix(t, u.data(), tmp.data());
       for (auto& v : u) v *= static_cast<acc_t>(scaling);
       scalar_t* __restrict__ row = yp + n * out;
@@ -492,7 +499,6 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   const acc_t* Bexp = f.Bexp.template data_ptr<acc_t>();
   const acc_t* c = f.C.template data_ptr<acc_t>();
   const acc_t* k = f.K.template data_ptr<acc_t>();
-  const Dropout no_drop;
   const int64_t words = keep_words(in);
   const uint64_t* keep_all = drop.on() ? reinterpret_cast<const uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
   const acc_t keep_scale = drop.keep_scale<acc_t>();
@@ -503,7 +509,7 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
     std::vector<acc_t> lanes(lane_width(d));
     for (int64_t n = begin; n < end; ++n) {
       const acc_t* t = t_all + n * RD;
-      const acc_t* g = load_row(gp, n, out, no_drop, gbuf.data());
+      const acc_t* g = load_kept_row(gp, n, out, nullptr, keep_scale, gbuf.data());  // dy: no dropout
       shrink_row<kW>(g, out, Bexp, R, d, du.data(), lanes.data());  // dU = s · Bᵀ · G
       for (auto& v : du) v *= static_cast<acc_t>(scaling);
       if (need_b) {  // dB += s · G · Uᵀ
@@ -529,13 +535,8 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
         f.mix_transposed(du.data(), dt.data(), tmp.data());  // dT = Cᵀ · dU · K
         const uint64_t* bits = drop.on() ? keep_all + n * words : nullptr;  // the forward's keep-bits
         if (need_a) {  // dA += dT · drop(X)ᵀ
-          const acc_t* xr = load_row(xp, n, in, no_drop, xbuf.data());
-          if (bits != nullptr) {
-            if (xr != xbuf.data()) std::copy(xr, xr + in, xbuf.begin());
-            scale_kept(bits, in, keep_scale, xbuf.data());
-            xr = xbuf.data();
-          }
-          outer_row<kW>(part.dAexp.data(), in, xr, R, d, dt.data(), lanes.data());
+          outer_row<kW>(part.dAexp.data(), in, load_kept_row(xp, n, in, bits, keep_scale, xbuf.data()), R, d,
+                        dt.data(), lanes.data());
         }
         if (dx != nullptr) {  // dx = drop'(Aᵀ · dT); the caller adds dy·W with one in-place GEMM
           scalar_t* __restrict__ row = dxp + n * in;
@@ -612,8 +613,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> structured_delta_forward_cpu(
   check_common(x_in, weight, A, B);
   const auto x = x_in.contiguous();
   const auto acc = at::toOpMathType(x.scalar_type());
+  // The dropout keep-bits, one bit per element of x (1/32 of x in fp32): drawing them costs more than
+  // the rest of the adapter, so backward reads them instead of drawing them again.
+  auto keep = at::empty({p > 0.0 ? x.size(0) : 0, keep_words(x.size(1))}, x.options().dtype(at::kLong));
   if (use_rank_gemms(kernel, x.scalar_type())) {
-    auto keep = at::empty({p > 0.0 ? x.size(0) : 0, keep_words(x.size(1))}, x.options().dtype(at::kLong));
     at::Tensor x_drop = x;
     if (p > 0.0) {
       x_drop = at::empty_like(x);
@@ -630,9 +633,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> structured_delta_forward_cpu(
   auto y = at::empty({x.size(0), weight.size(0)}, x.options());
   const int64_t d = kernel.has_value() ? kernel->size(0) : 1;
   auto T = at::empty({x.size(0), A.size(0) * d}, x.options().dtype(acc));
-  // The dropout keep-bits, one bit per element of x (1/32 of x in fp32): drawing them costs more than
-  // the rest of the adapter, so backward reads them instead of drawing them again.
-  auto keep = at::empty({p > 0.0 ? x.size(0) : 0, keep_words(x.size(1))}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "structured_delta_forward_cpu", [&] {
     Factors<at::opmath_type<scalar_t>> f(A, B, core, kernel, x.size(1), weight.size(0));
     with_lane_width(d, [&](auto lanes) {
