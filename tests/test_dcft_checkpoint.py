@@ -46,7 +46,9 @@ def _their_forward(base, state, x):
 @pytest.mark.parametrize("backend", FUSED_BACKENDS + ["reference"])
 def test_outputs_equal_their_formula(backend, tmp_path):
     state = _their_checkpoint()
-    x = torch.randn(5, 32)
+    # A fixed input: with alpha/r = 8 the fp32 sums carry ~1e-4 relative rounding, so about 1 random
+    # input in 100 put even reference.py past the tolerance against their fp32 formula.
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
     want = _their_forward(_base(), state, x)
     path = tmp_path / "their.safetensors"
     save_file(state, str(path))
