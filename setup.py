@@ -10,7 +10,7 @@ import os
 
 from setuptools import setup
 
-CPU_SOURCES = ["csrc/register.cpp", "csrc/structured_delta_cpu.cpp"]
+CPU_SOURCES = ["csrc/register.cpp", "csrc/structured_delta_cpu.cpp", "csrc/low_rank_cpu.cpp"]
 CUDA_SOURCES = ["csrc/structured_delta_cuda.cu"]
 
 

@@ -4,22 +4,25 @@
 //
 // without building ΔW. The base GEMMs go through ATen (MKL / oneDNN); the adapter is one
 // parallel pass over tokens: shrink T = A·X, mix U = C·T·Kᵀ, expand y += s·B·U. Backward runs
-// the same pass with the roles swapped and keeps the factor gradients as per-thread partial
-// sums, reduced once at the end. Accumulation is fp32 (fp64 for fp64 inputs).
+// the same pass with the roles swapped and keeps the factor gradients as per-slice partial
+// sums, reduced once at the end. Accumulation is fp32 (fp64 for fp64 inputs). LoRA-shaped calls
+// (d = 1, fp32, an AVX2 CPU) run the rank-r products in low_rank_cpu.cpp's kernels instead, over
+// blocks of tokens; fp64, and CPUs without AVX2, in ATen GEMMs.
 //
 // The trick that makes every inner loop a plain, vectorisable multiply-add over contiguous
 // memory: each small factor is "expanded" once per call to one value per feature,
 // e.g. Aexp[r][k] = A[r][k / d], and the period-d index k % d is handled by accumulating into
 // (or reading from) a lane buffer whose length W is a multiple of d.
 #include "structured_delta.h"
+#include "low_rank_cpu.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -145,17 +148,8 @@ __attribute__((target("avx2"))) void scale_kept_avx2(const uint64_t* bits, int64
 }
 #endif
 
-// AVX2 (with FMA) where the CPU has it (the package is compiled portable); DCFT_KERNELS_NO_AVX2=1
-// forces the portable code (a test compares the two).
-inline bool use_avx2() {
-#if defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           std::getenv("DCFT_KERNELS_NO_AVX2") == nullptr;
-  return avx2;
-#else
-  return false;
-#endif
-}
+// AVX2 (with FMA) where the CPU has it (the package is compiled portable): avx2_enabled().
+inline bool use_avx2() { return avx2_enabled(); }
 
 // out[i] = the keep-bits of the window at counter + 16·i, i < n.
 inline void philox_keep_windows(int64_t seed, int64_t counter, float threshold, int64_t n, uint64_t* out) {
@@ -243,23 +237,47 @@ struct Dropout {
 #endif
 
 template <typename Body>
-void run_tokens_portable(int64_t begin, int64_t end, const Body& body) { body(begin, end); }
+void run_tokens_portable(int64_t slice, int64_t begin, int64_t end, const Body& body) { body(slice, begin, end); }
 
 #if defined(__x86_64__)
 template <typename Body>
-__attribute__((target("avx2,fma"))) void run_tokens_avx2(int64_t begin, int64_t end, const Body& body) {
-  body(begin, end);
+__attribute__((target("avx2,fma"))) void run_tokens_avx2(int64_t slice, int64_t begin, int64_t end,
+                                                         const Body& body) {
+  body(slice, begin, end);
 }
 #endif
 
-// at::parallel_for over tokens [0, N), each range run by the build of body this CPU runs fastest.
+// How many slices parallel_slices cuts `units` of work into: a few per thread, so that a thread the
+// OS preempts (a shared machine) holds the others up by one slice at most.
+inline int64_t slice_count(int64_t units) {
+  return std::max<int64_t>(1, std::min<int64_t>(units, 4 * at::get_num_threads()));
+}
+
+// Runs body(slice, begin, end) for the `slices` contiguous ranges of [0, count) on up to
+// at::get_num_threads() threads, each taking the next range when done with its last, rather than a
+// share fixed up front (at::parallel_for's split, where everyone waits for a preempted thread's
+// share). Which thread runs a slice varies; the slices do not, so partial sums kept per slice
+// (never per thread) add up to the same bits on every call.
 template <typename Body>
-void parallel_tokens(int64_t N, int64_t grain, const Body& body) {
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+void parallel_slices(int64_t count, int64_t slices, const Body& body) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(slices, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t s; (s = next.fetch_add(1, std::memory_order_relaxed)) < slices;)
+      body(s, count * s / slices, count * (s + 1) / slices);
+  });
+}
+
+// The slices of tokens [0, N) for tasks of at least `grain` tokens each.
+inline int64_t token_slices(int64_t N, int64_t grain) { return slice_count((N + grain - 1) / grain); }
+
+// parallel_slices over tokens, each slice run by the build of body this CPU runs fastest.
+template <typename Body>
+void parallel_tokens(int64_t N, int64_t slices, const Body& body) {
+  parallel_slices(N, slices, [&](int64_t slice, int64_t begin, int64_t end) {
 #if defined(__x86_64__)
-    if (use_avx2()) return run_tokens_avx2(begin, end, body);
+    if (use_avx2()) return run_tokens_avx2(slice, begin, end, body);
 #endif
-    run_tokens_portable(begin, end, body);
+    run_tokens_portable(slice, begin, end, body);
   });
 }
 
@@ -430,7 +448,7 @@ DCFT_INLINE const acc_t* load_kept_row(const scalar_t* base, int64_t n, int64_t 
   return buffer;
 }
 
-// Tokens per parallel task: enough that each task has ~64K multiply-adds, so small calls stay
+// Tokens per chunk handed to a thread: enough that each has ~64K multiply-adds, so small calls stay
 // on one thread instead of paying for waking the others.
 inline int64_t token_grain(int64_t R, int64_t in, int64_t out) {
   return std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(1, R * (in + out)));
@@ -455,7 +473,8 @@ void adapter_forward(const at::Tensor& x, at::Tensor& y, const c10::optional<at:
   const int64_t words = keep_words(in);
   uint64_t* keep_all = drop.on() ? reinterpret_cast<uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
   const acc_t keep_scale = drop.keep_scale<acc_t>();
-  parallel_tokens(N, token_grain(R, in, out), [&](int64_t begin, int64_t end) DCFT_INLINE_LAMBDA {
+  parallel_tokens(N, token_slices(N, token_grain(R, in, out)), [&](int64_t, int64_t begin, int64_t end)
+                                                                    DCFT_INLINE_LAMBDA {
     constexpr bool kRoundOnce = !std::is_same_v<scalar_t, acc_t>;  // 16-bit rows summed in fp32
     std::vector<acc_t> xbuf(in), delta(kRoundOnce ? out : 0), u(RD), tmp(RD), lanes(lane_width(d));
     for (int64_t n = begin; n < end; ++n) {
@@ -477,7 +496,7 @@ void adapter_forward(const at::Tensor& x, at::Tensor& y, const c10::optional<at:
 }
 
 template <typename acc_t>
-struct Partials {  // one thread's share of the factor gradients
+struct Partials {  // one slice of tokens' share of the factor gradients
   std::vector<acc_t> dAexp, dBexp, dC, dK;
   Partials(int64_t a_size, int64_t b_size, int64_t c_size, int64_t k_size)
       : dAexp(a_size, 0), dBexp(b_size, 0), dC(c_size, 0), dK(k_size, 0) {}
@@ -502,8 +521,9 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   const int64_t words = keep_words(in);
   const uint64_t* keep_all = drop.on() ? reinterpret_cast<const uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
   const acc_t keep_scale = drop.keep_scale<acc_t>();
-  parallel_tokens(N, token_grain(R, in, out), [&](int64_t begin, int64_t end) DCFT_INLINE_LAMBDA {
-    auto& part = partials[at::get_thread_num()];
+  parallel_tokens(N, static_cast<int64_t>(partials.size()), [&](int64_t slice, int64_t begin, int64_t end)
+                                                                DCFT_INLINE_LAMBDA {
+    auto& part = partials[slice];
     constexpr bool kRoundOnce = !std::is_same_v<scalar_t, acc_t>;
     std::vector<acc_t> gbuf(out), xbuf(in), dxrow(kRoundOnce ? in : 0), du(RD), dt(RD), u(RD), tmp(RD);
     std::vector<acc_t> lanes(lane_width(d));
@@ -603,6 +623,135 @@ void apply_keep_bits(const at::Tensor& src, at::Tensor& dst, const at::Tensor& k
   });
 }
 
+// ---- the rank-r pass (d = 1, fp32, AVX2): low_rank_cpu.h's kernels over blocks of tokens ---------
+//
+// One parallel pass over blocks of tokens replaces the rank GEMMs: each block's rows of x (and dy) are
+// read into cache once and every rank-r product of the block runs on them there. Same results and
+// saved T as the GEMM path, which serves fp64, and CPUs without AVX2.
+
+bool use_rank_pass(const c10::optional<at::Tensor>& kernel, at::ScalarType dtype) {
+  return !kernel.has_value() && dtype == at::kFloat && avx2_enabled();
+}
+
+// Tokens per block: a block of x and one of dy (or y) together ~256 KB, in a core's L2.
+inline int64_t rank_block(int64_t in, int64_t out) {
+  return std::clamp<int64_t>((int64_t(1) << 15) / std::max<int64_t>(1, in + out), 4, 1024) / 4 * 4;
+}
+
+// The small factors in fp32, laid out for the kernels: A (r × in) and Bᵀ (r × out) row-major.
+struct RankFactors {
+  int64_t R;
+  at::Tensor A, Bt, C;  // C: r × r, undefined when absent
+  RankFactors(const at::Tensor& A_in, const at::Tensor& B_in, const c10::optional<at::Tensor>& core)
+      : R(A_in.size(0)), A(A_in.to(at::kFloat).contiguous()), Bt(B_in.t().to(at::kFloat).contiguous()) {
+    if (core.has_value()) C = core->to(at::kFloat).contiguous();
+  }
+  // out[n] = s · C · T[n] (or s · T[n]) for n < count; with transpose, s · Cᵀ · T[n].
+  void mix(const float* T, int64_t count, float s, bool transpose, float* out) const {
+    const float* c = C.defined() ? C.data_ptr<float>() : nullptr;
+    for (int64_t n = 0; n < count; ++n)
+      for (int64_t i = 0; i < R; ++i) {
+        float sum = 0;
+        if (c == nullptr)
+          sum = T[n * R + i];
+        else
+          for (int64_t j = 0; j < R; ++j) sum += (transpose ? c[j * R + i] : c[i * R + j]) * T[n * R + j];
+        out[n * R + i] = s * sum;
+      }
+  }
+};
+
+// Rows n0 .. n0 + count - 1 of x into buffer with their keep-bits applied (drawn into keep first with draw).
+void load_kept_rows(const float* x, int64_t n0, int64_t count, int64_t F, uint64_t* keep_all, const Dropout& drop,
+                    bool draw, float* buffer) {
+  const int64_t words = keep_words(F);
+  for (int64_t i = 0; i < count; ++i) {
+    uint64_t* bits = keep_all + (n0 + i) * words;
+    if (draw) drop.keep_bits((n0 + i) * F, F, bits);
+    std::copy(x + (n0 + i) * F, x + (n0 + i + 1) * F, buffer + i * F);
+    scale_kept(bits, F, drop.keep_scale<float>(), buffer + i * F);
+  }
+}
+
+// y = b + s · C·(drop(x) Aᵀ) Bᵀ and T = drop(x) Aᵀ, block by block (the caller adds x Wᵀ).
+void rank_forward(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& bias, const at::Tensor& T,
+                  const RankFactors& f, double scaling, const Dropout& drop, const at::Tensor& keep) {
+  const int64_t N = x.size(0), in = x.size(1), out = y.size(1), R = f.R, block = rank_block(in, out);
+  const float* xp = x.data_ptr<float>();
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  uint64_t* keep_all = drop.on() ? reinterpret_cast<uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
+  const int64_t blocks = (N + block - 1) / block;
+  parallel_slices(blocks, slice_count(blocks), [&](int64_t, int64_t first, int64_t last) {
+    std::vector<float> xbuf(drop.on() ? block * in : 0), u(block * R);
+    for (int64_t blk = first; blk < last; ++blk) {
+      const int64_t n0 = blk * block, count = std::min(block, N - n0);
+      const float* xs = xp + n0 * in;
+      if (drop.on()) {
+        load_kept_rows(xp, n0, count, in, keep_all, drop, /*draw=*/true, xbuf.data());
+        xs = xbuf.data();
+      }
+      float* t = T.data_ptr<float>() + n0 * R;
+      low_rank::shrink(xs, in, count, in, f.A.data_ptr<float>(), R, t);
+      f.mix(t, count, static_cast<float>(scaling), /*transpose=*/false, u.data());
+      low_rank::expand(u.data(), count, R, f.Bt.data_ptr<float>(), out, bp, y.data_ptr<float>() + n0 * out, out);
+    }
+  });
+}
+
+// The factor gradients and dx's delta drop'(dT·A), block by block (the caller adds dy·W to dx).
+// Returns [dA, dB, dC] (empty where not asked for).
+std::vector<at::Tensor> rank_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& T, at::Tensor* dx,
+                                      const RankFactors& f, double scaling, const Dropout& drop,
+                                      const at::Tensor& keep, bool need_a, bool need_b, bool need_c) {
+  const int64_t N = x.size(0), in = x.size(1), out = dy.size(1), R = f.R, block = rank_block(in, out);
+  const float* xp = x.data_ptr<float>();
+  const float* gp = dy.data_ptr<float>();
+  const float s = static_cast<float>(scaling);
+  uint64_t* keep_all = drop.on() ? reinterpret_cast<uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
+  const int64_t blocks = (N + block - 1) / block, slices = slice_count(blocks);
+  // One slice's share of dA (r × in), dBᵀ (r × out) and dC (r × r), summed once at the end.
+  auto dA_parts = at::zeros({slices, R, need_a ? in : 0}, x.options());
+  auto dBt_parts = at::zeros({slices, R, need_b ? out : 0}, x.options());
+  auto dC_parts = at::zeros({slices, R, need_c ? R : 0}, x.options());
+  parallel_slices(blocks, slices, [&](int64_t slice, int64_t first, int64_t last) {
+    std::vector<float> xbuf(drop.on() && need_a ? block * in : 0), du(block * R), dt(block * R), u(block * R);
+    for (int64_t blk = first; blk < last; ++blk) {
+      const int64_t n0 = blk * block, count = std::min(block, N - n0);
+      const float* g = gp + n0 * out;
+      const float* t = T.data_ptr<float>() + n0 * R;
+      low_rank::shrink(g, out, count, out, f.Bt.data_ptr<float>(), R, du.data());  // dU = s · dy B
+      for (int64_t i = 0; i < count * R; ++i) du[i] *= s;
+      f.mix(du.data(), count, 1.0f, /*transpose=*/true, dt.data());                 // dT = Cᵀ dU
+      if (dx != nullptr) {
+        float* rows = dx->data_ptr<float>() + n0 * in;
+        low_rank::expand(dt.data(), count, R, f.A.data_ptr<float>(), in, nullptr, rows, in);
+        for (int64_t i = 0; drop.on() && i < count; ++i)
+          scale_kept(keep_all + (n0 + i) * keep_words(in), in, drop.keep_scale<float>(), rows + i * in);
+      }
+      if (need_a) {  // dA += dTᵀ drop(x)
+        const float* xs = xp + n0 * in;
+        if (drop.on()) {
+          load_kept_rows(xp, n0, count, in, keep_all, drop, /*draw=*/false, xbuf.data());
+          xs = xbuf.data();
+        }
+        low_rank::accumulate_outer(dt.data(), count, R, xs, in, in, dA_parts.data_ptr<float>() + slice * R * in);
+      }
+      if (need_b) {  // dBᵀ += (s · C T)ᵀ dy
+        f.mix(t, count, s, /*transpose=*/false, u.data());
+        low_rank::accumulate_outer(u.data(), count, R, g, out, out, dBt_parts.data_ptr<float>() + slice * R * out);
+      }
+      if (need_c) {  // dC += dUᵀ T
+        float* dc = dC_parts.data_ptr<float>() + slice * R * R;
+        for (int64_t n = 0; n < count; ++n)
+          for (int64_t i = 0; i < R; ++i)
+            for (int64_t j = 0; j < R; ++j) dc[i * R + j] += du[n * R + i] * t[n * R + j];
+      }
+    }
+  });
+  return {dA_parts.sum(0), dBt_parts.sum(0).t(), dC_parts.sum(0)};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> structured_delta_forward_cpu(
@@ -616,6 +765,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> structured_delta_forward_cpu(
   // The dropout keep-bits, one bit per element of x (1/32 of x in fp32): drawing them costs more than
   // the rest of the adapter, so backward reads them instead of drawing them again.
   auto keep = at::empty({p > 0.0 ? x.size(0) : 0, keep_words(x.size(1))}, x.options().dtype(at::kLong));
+  if (use_rank_pass(kernel, x.scalar_type())) {
+    auto y = at::empty({x.size(0), weight.size(0)}, x.options());
+    auto T = at::empty({x.size(0), A.size(0)}, x.options());
+    rank_forward(x, y, bias, T, RankFactors(A, B, core), scaling, Dropout{p, seed}, keep);
+    y.addmm_(x, weight.t());
+    return {y, T, keep};
+  }
   if (use_rank_gemms(kernel, x.scalar_type())) {
     at::Tensor x_drop = x;
     if (p > 0.0) {
@@ -658,6 +814,15 @@ std::vector<at::Tensor> structured_delta_backward_cpu(
   auto empty = [&] { return at::empty({0}, x.options()); };
   TORCH_CHECK(p == 0.0 || (keep.dim() == 2 && keep.size(0) == x.size(0) && keep.size(1) == keep_words(in)),
               "dcft_kernels cpp_backward: keep must be the keep-bits cpp_forward returned");
+  if (use_rank_pass(kernel, x.scalar_type())) {
+    at::Tensor dx = need_x ? at::empty_like(x) : empty();
+    auto grads = rank_backward(grad_y, x, T, need_x ? &dx : nullptr, RankFactors(A, B, core), scaling,
+                               Dropout{p, 0}, keep, need_a, need_b, need_c);
+    if (need_x) dx.addmm_(grad_y, weight);
+    return {dx, need_a ? grads[0].to(A.scalar_type()) : empty(),
+            need_b ? grads[1].contiguous().to(B.scalar_type()) : empty(),
+            need_c ? grads[2].to(core->scalar_type()) : empty(), empty()};
+  }
   if (use_rank_gemms(kernel, x.scalar_type())) {
     const auto dtype = x.scalar_type();
     const Dropout drop{p, 0};  // the keep-bits are read, not drawn
@@ -690,14 +855,14 @@ std::vector<at::Tensor> structured_delta_backward_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     Factors<acc_t> f(A, B, core, kernel, in, out);
     std::vector<Partials<acc_t>> partials;
-    for (int64_t i = 0; i < at::get_num_threads(); ++i)
+    for (int64_t i = 0; i < token_slices(x.size(0), token_grain(R, in, out)); ++i)
       partials.emplace_back(need_a ? R * in : 0, need_b ? R * out : 0, need_c ? R * R : 0, need_k ? d * d : 0);
     with_lane_width(d, [&](auto lanes) {
       adapter_backward<decltype(lanes)::value, scalar_t>(grad_y, x, T, need_x ? &dx : nullptr, f, scaling,
                                                          Dropout{p, 0}, keep, need_a, need_b, need_c, need_k,
                                                          partials);
     });
-    // Reduce the per-thread partial sums once, then fold the expanded rows back to factor shape.
+    // Reduce the per-slice partial sums once, then fold the expanded rows back to factor shape.
     auto sum_parts = [&](auto member, int64_t rows, int64_t cols) {
       auto total = at::zeros({rows, cols}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
       acc_t* dst = total.data_ptr<acc_t>();
@@ -738,7 +903,8 @@ at::Tensor shrink_cpu(const at::Tensor& v_in, const at::Tensor& M, int64_t d, do
     const scalar_t* vp = v.data_ptr<scalar_t>();
     acc_t* tp = T.data_ptr<acc_t>();
     with_lane_width(d, [&](auto lanes_w) {
-      parallel_tokens(N, token_grain(R, F, 0), [&](int64_t begin, int64_t end) DCFT_INLINE_LAMBDA {
+      parallel_tokens(N, token_slices(N, token_grain(R, F, 0)), [&](int64_t, int64_t begin, int64_t end)
+                                                                     DCFT_INLINE_LAMBDA {
         std::vector<acc_t> buf(F), lanes(lane_width(d));
         for (int64_t n = begin; n < end; ++n) {
           acc_t* t = tp + n * R * d;
@@ -770,7 +936,8 @@ void expand_cpu_(at::Tensor& out, const at::Tensor& U_in, const at::Tensor& M, d
     const acc_t* up = U.data_ptr<acc_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     with_lane_width(d, [&](auto lanes_w) {
-      parallel_tokens(N, token_grain(R, 0, F), [&](int64_t begin, int64_t end) DCFT_INLINE_LAMBDA {
+      parallel_tokens(N, token_slices(N, token_grain(R, 0, F)), [&](int64_t, int64_t begin, int64_t end)
+                                                                     DCFT_INLINE_LAMBDA {
         std::vector<acc_t> delta(F), u(R * d), lanes(lane_width(d));
         for (int64_t n = begin; n < end; ++n) {
           for (int64_t c = 0; c < R * d; ++c) u[c] = up[n * R * d + c] * static_cast<acc_t>(scale);
@@ -798,11 +965,12 @@ at::Tensor reduce_cpu(const at::Tensor& v_in, const at::Tensor& U_in, int64_t bl
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* vp = v.data_ptr<scalar_t>();
     const acc_t* up = U.data_ptr<acc_t>();
-    // One thread's share of Σ_n U[n][r][k % d] · drop(v)[n][k] per feature, summed once at the end.
-    std::vector<std::vector<acc_t>> partials(at::get_num_threads(), std::vector<acc_t>(R * F, acc_t(0)));
+    // One slice's share of Σ_n U[n][r][k % d] · drop(v)[n][k] per feature, summed once at the end.
+    const int64_t slices = token_slices(N, token_grain(R, F, 0));
+    std::vector<std::vector<acc_t>> partials(slices, std::vector<acc_t>(R * F, acc_t(0)));
     with_lane_width(d, [&](auto lanes_w) {
-      parallel_tokens(N, token_grain(R, F, 0), [&](int64_t begin, int64_t end) DCFT_INLINE_LAMBDA {
-        auto& part = partials[at::get_thread_num()];
+      parallel_tokens(N, slices, [&](int64_t slice, int64_t begin, int64_t end) DCFT_INLINE_LAMBDA {
+        auto& part = partials[slice];
         std::vector<acc_t> buf(F), lanes(lane_width(d));
         for (int64_t n = begin; n < end; ++n)
           outer_row<decltype(lanes_w)::value>(part.data(), F, load_row(vp, n, F, drop, buf.data()), R, d,

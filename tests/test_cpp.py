@@ -192,3 +192,67 @@ def test_scalar_and_avx2_dropout_streams_agree():
     proc = subprocess.run([sys.executable, "-c", _STREAM_CHECK], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# Shapes for the rank-r kernels of the LoRA path (low_rank_cpu.cpp): tokens past every token tile (3 in
+# shrink, 8 and 4 in expand), features past the 8-wide vectors, ranks past every rank tile (8, 4, 2, 1).
+RANK_PASS_SHAPES = [  # (tokens, in, out, r)
+    (1, 1, 1, 1), (2, 7, 9, 3), (5, 8, 16, 4), (11, 23, 17, 5), (37, 130, 41, 8), (20, 33, 64, 13),
+    (12, 9, 70, 16),
+]
+
+
+def _cpp_run(p, seed=3):
+    return lambda q: structured_delta_linear(*q.args(), scaling=q.scaling, dropout=p, seed=seed, backend="cpp")
+
+
+@needs_cpp
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("tokens,in_f,out_f,r", RANK_PASS_SHAPES)
+def test_rank_pass_matches_reference_on_ragged_shapes(tokens, in_f, out_f, r, p):
+    from helpers import check_against_reference
+
+    for core in (False, True):
+        pb = make_problem((tokens,), in_f, out_f, 1, r, kernel=False, core=core, bias=not core, seed=r + tokens)
+        check_against_reference(pb, _cpp_run(p), torch.float32, p=p, seed=3)
+
+
+_GEMM_PATH_CHECK = (
+    "import sys, torch\n"
+    "sys.path.insert(0, {tests!r})\n"
+    "from helpers import check_against_reference, make_problem\n"
+    "from dcft_kernels import structured_delta_linear\n"
+    "for p in (0.0, 0.2):\n"
+    "    for core in (False, True):\n"
+    "        pb = make_problem((37,), 130, 41, 1, 8, kernel=False, core=core, seed=5)\n"
+    "        check_against_reference(pb, lambda q: structured_delta_linear(*q.args(), scaling=q.scaling, dropout=p,\n"
+    "                                seed=3, backend='cpp'), torch.float32, p=p, seed=3)\n"
+)
+
+
+@needs_cpp
+def test_gemm_path_without_avx2_matches_reference():
+    """Without AVX2 (forced here) the LoRA path runs its rank-r products as ATen GEMMs instead."""
+    env = {**os.environ, "DCFT_KERNELS_NO_AVX2": "1"}
+    script = _GEMM_PATH_CHECK.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@needs_cpp
+@pytest.mark.parametrize("kernel", [True, False])
+def test_gradients_repeat_bit_for_bit_across_threads(kernel):
+    """Work is handed to threads on demand, but partial sums are kept per fixed slice of tokens: two
+    calls give the same bits, whichever thread ran which slice."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pb = make_problem((1024,), 256, 256, 8 if kernel else 1, 1 if kernel else 8, kernel=kernel, seed=4)
+        trained = [t for t in pb.tensors() if t.requires_grad]
+        grad_y = torch.randn(1024, 256, generator=torch.Generator().manual_seed(0))
+        first = torch.autograd.grad(_cpp_run(0.1)(pb), trained, grad_y)
+        for _ in range(3):
+            again = torch.autograd.grad(_cpp_run(0.1)(pb), trained, grad_y)
+            assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    finally:
+        torch.set_num_threads(threads)

@@ -17,7 +17,7 @@ from ..plan import is_plain_dcft
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), "csrc")
-CPU_SOURCES = ["register.cpp", "structured_delta_cpu.cpp"]
+CPU_SOURCES = ["register.cpp", "structured_delta_cpu.cpp", "low_rank_cpu.cpp"]
 CUDA_SOURCES = ["structured_delta_cuda.cu"]
 # Portable by default, like setup.py's build; DCFT_KERNELS_CPU_FLAGS="-O3 -march=native" tunes for
 # this machine's CPU (a build that is then copied to an older CPU dies with an illegal instruction).
