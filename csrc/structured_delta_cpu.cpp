@@ -247,10 +247,13 @@ __attribute__((target("avx2,fma"))) void run_tokens_avx2(int64_t slice, int64_t 
 }
 #endif
 
-// How many slices parallel_slices cuts `units` of work into: a few per thread, so that a thread the
-// OS preempts (a shared machine) holds the others up by one slice at most.
-inline int64_t slice_count(int64_t units) {
-  return std::max<int64_t>(1, std::min<int64_t>(units, 4 * at::get_num_threads()));
+// How many slices parallel_slices cuts `units` of work into: four per thread, so that a thread the OS
+// preempts (a shared machine) holds the others up by a quarter of its share at most; but where each
+// slice keeps partial sums of partial_bytes, no more than fit in 4 MB (and at least one per thread).
+inline int64_t slice_count(int64_t units, int64_t partial_bytes = 0) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t by_memory = partial_bytes > 0 ? std::max(threads, (int64_t(4) << 20) / partial_bytes) : 4 * threads;
+  return std::max<int64_t>(1, std::min({units, 4 * threads, by_memory}));
 }
 
 // Runs body(slice, begin, end) for the `slices` contiguous ranges of [0, count) on up to
@@ -268,7 +271,9 @@ void parallel_slices(int64_t count, int64_t slices, const Body& body) {
 }
 
 // The slices of tokens [0, N) for tasks of at least `grain` tokens each.
-inline int64_t token_slices(int64_t N, int64_t grain) { return slice_count((N + grain - 1) / grain); }
+inline int64_t token_slices(int64_t N, int64_t grain, int64_t partial_bytes = 0) {
+  return slice_count((N + grain - 1) / grain, partial_bytes);
+}
 
 // parallel_slices over tokens, each slice run by the build of body this CPU runs fastest.
 template <typename Body>
@@ -709,7 +714,8 @@ std::vector<at::Tensor> rank_backward(const at::Tensor& dy, const at::Tensor& x,
   const float* gp = dy.data_ptr<float>();
   const float s = static_cast<float>(scaling);
   uint64_t* keep_all = drop.on() ? reinterpret_cast<uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
-  const int64_t blocks = (N + block - 1) / block, slices = slice_count(blocks);
+  const int64_t blocks = (N + block - 1) / block;
+  const int64_t slices = slice_count(blocks, R * ((need_a ? in : 0) + (need_b ? out : 0)) * int64_t(sizeof(float)));
   // One slice's share of dA (r × in), dBᵀ (r × out) and dC (r × r), summed once at the end.
   auto dA_parts = at::zeros({slices, R, need_a ? in : 0}, x.options());
   auto dBt_parts = at::zeros({slices, R, need_b ? out : 0}, x.options());
@@ -855,7 +861,9 @@ std::vector<at::Tensor> structured_delta_backward_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     Factors<acc_t> f(A, B, core, kernel, in, out);
     std::vector<Partials<acc_t>> partials;
-    for (int64_t i = 0; i < token_slices(x.size(0), token_grain(R, in, out)); ++i)
+    const int64_t partial_bytes = R * ((need_a ? in : 0) + (need_b ? out : 0)) * int64_t(sizeof(acc_t));
+    const int64_t slices = token_slices(x.size(0), token_grain(R, in, out), partial_bytes);
+    for (int64_t i = 0; i < slices; ++i)
       partials.emplace_back(need_a ? R * in : 0, need_b ? R * out : 0, need_c ? R * R : 0, need_k ? d * d : 0);
     with_lane_width(d, [&](auto lanes) {
       adapter_backward<decltype(lanes)::value, scalar_t>(grad_y, x, T, need_x ? &dx : nullptr, f, scaling,
@@ -966,7 +974,7 @@ at::Tensor reduce_cpu(const at::Tensor& v_in, const at::Tensor& U_in, int64_t bl
     const scalar_t* vp = v.data_ptr<scalar_t>();
     const acc_t* up = U.data_ptr<acc_t>();
     // One slice's share of Σ_n U[n][r][k % d] · drop(v)[n][k] per feature, summed once at the end.
-    const int64_t slices = token_slices(N, token_grain(R, F, 0));
+    const int64_t slices = token_slices(N, token_grain(R, F, 0), R * F * int64_t(sizeof(acc_t)));
     std::vector<std::vector<acc_t>> partials(slices, std::vector<acc_t>(R * F, acc_t(0)));
     with_lane_width(d, [&](auto lanes_w) {
       parallel_tokens(N, slices, [&](int64_t slice, int64_t begin, int64_t end) DCFT_INLINE_LAMBDA {

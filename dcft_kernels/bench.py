@@ -11,6 +11,7 @@ below 1, impossible for a layer that wraps the Linear) it says "within noise".
 
     dcft-bench                                   # cpu-small on CPU, llama7b on GPU
     dcft-bench --preset llama7b -o benchmarks/results/h100
+    dcft-bench --rows dcft lora -o out           # only rows naming DCFT or LoRA, and the baseline
     dcft-bench --params                          # trainable-parameter report
 """
 from __future__ import annotations
@@ -354,14 +355,17 @@ def _step_functions(case, x, grad_y):
 
 
 def run_shape(tokens, in_features, out_features, *, device, dtype, kernel_size, rank, lora_rank,
-              time_cap_s=45.0, min_rounds=7, max_rounds=200, target_width=0.02, progress=None):
-    """Check every row, then time all of them in rounds; returns one Row per case."""
+              time_cap_s=45.0, min_rounds=7, max_rounds=200, target_width=0.02, progress=None, only=None):
+    """Check every row, then time all of them in rounds; returns one Row per case. With ``only`` (a
+    list of substrings), just the rows whose names hold one of them (any case), and the baseline."""
     shape = f"N={tokens} {in_features}->{out_features}"
     g = torch.Generator().manual_seed(123)
     x = torch.randn(tokens, in_features, generator=g).to(device=device, dtype=dtype).requires_grad_()
     grad_y = torch.randn(tokens, out_features, generator=g).to(device=device, dtype=dtype)
     cases = build_cases(in_features, out_features, kernel_size=kernel_size, rank=rank, lora_rank=lora_rank,
                         dtype=dtype, device=device)
+    if only:
+        cases = cases[:1] + [c for c in cases[1:] if any(s.lower() in c.name.lower() for s in only)]
     rows, timed = [], []
     for case in cases:
         if case.layer is None:
@@ -569,6 +573,8 @@ def parse_args(argv=None):
     p.add_argument("--min-rounds", type=int, default=7, help="rounds per shape at least (default 7)")
     p.add_argument("--target-width", type=float, default=0.02,
                    help="stop adding rounds once every 95%% interval is this narrow, relative (default 0.02)")
+    p.add_argument("--rows", nargs="+", metavar="TEXT",
+                   help="time only the rows whose names contain one of these (any case), with the baseline")
     p.add_argument("--out-dir", "-o", help="write results.json, results.csv and ratios.png here")
     p.add_argument("--params", action="store_true", help="print the parameter-count report and exit")
     args = p.parse_args(argv)
@@ -601,6 +607,7 @@ def main(argv=None):
             "shapes": [list(s) for s in shapes], "threads": threads, "physical_cores": cores, "load_before": load,
             "kernel_size": args.kernel_size, "rank": args.rank, "lora_rank": args.lora_rank,
             "time_cap_s": args.time_cap, "min_rounds": args.min_rounds, "target_width": args.target_width,
+            "rows": args.rows,
             "command": "dcft-bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['dtype']} | preset {preset} "
           f"| {threads} threads | load {load:.2f} | paired rounds, median ratio [95% interval]", flush=True)
@@ -613,7 +620,7 @@ def main(argv=None):
             shape_rows, result = run_shape(tokens, in_f, out_f, device=device, dtype=dtype,
                                            kernel_size=args.kernel_size, rank=args.rank, lora_rank=args.lora_rank,
                                            time_cap_s=args.time_cap, min_rounds=args.min_rounds,
-                                           target_width=args.target_width, progress=progress)
+                                           target_width=args.target_width, progress=progress, only=args.rows)
             rows += shape_rows
             rounds.append(result.rounds)
     meta["load_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -83,3 +83,12 @@ def test_fused_gemm_setting_is_scoped():
     with bench._fused_triton_gemm():
         assert triton_backend.GEMM_PATH == "fused"
     assert triton_backend.GEMM_PATH == before
+
+
+def test_rows_option_times_only_the_named_rows_and_the_baseline(tmp_path):
+    assert bench.main(FAST + ["--rows", "loralinear", "DeLoRA", "-o", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    names = [r["case"] for r in data["rows"]]
+    assert names[0] == "nn.Linear (frozen)" and len(names) > 1
+    assert all("LoRALinear" in n for n in names[1:]), names  # DeLoRALinear and LoRALinear rows only
+    assert data["meta"]["rows"] == ["loralinear", "DeLoRA"]
