@@ -1,7 +1,8 @@
 // Register-blocked AVX2 + FMA kernels for the rank-r products of LoRA-style adapters (d = 1, fp32)
-// over a block of tokens. MKL runs these skinny GEMMs (one side r ≤ 64 wide) at a fraction of its
-// speed: it packs the whole (tokens, features) operand first, a copy of x or dy per product. These
-// read each row once, straight from the caller's block while it is in cache.
+// over a block of tokens. MKL runs these skinny GEMMs (one dimension is the rank) far below its speed
+// on square ones: x·Aᵀ at 2048 × 1024, r = 8, one thread, ran at 14 GFLOP/s, where the layer's own
+// 2048 × 1024 × 1024 GEMM runs at ~77 (this project's EPYC). These read each row once, straight from
+// the caller's block while it is in cache, and run at 25-55.
 //
 // All matrices are fp32 and row-major; ld* is a row stride in elements. Sums run in a different order
 // than a GEMM library's, so results agree to rounding, not bit for bit.

@@ -241,7 +241,7 @@ def test_gemm_path_without_avx2_matches_reference():
 
 @needs_cpp
 @pytest.mark.parametrize("kernel", [True, False])
-def test_gradients_repeat_bit_for_bit_across_threads(kernel):
+def test_gradients_repeat_bit_for_bit_from_call_to_call(kernel):
     """Work is handed to threads on demand, but partial sums are kept per fixed slice of tokens: two
     calls give the same bits, whichever thread ran which slice."""
     threads = torch.get_num_threads()
