@@ -148,14 +148,11 @@ __attribute__((target("avx2"))) void scale_kept_avx2(const uint64_t* bits, int64
 }
 #endif
 
-// AVX2 (with FMA) where the CPU has it (the package is compiled portable): avx2_enabled().
-inline bool use_avx2() { return avx2_enabled(); }
-
 // out[i] = the keep-bits of the window at counter + 16·i, i < n.
 inline void philox_keep_windows(int64_t seed, int64_t counter, float threshold, int64_t n, uint64_t* out) {
   int64_t i = 0;
 #if defined(__x86_64__)
-  if (use_avx2()) {
+  if (avx2_enabled()) {
     // The vector code adds to the low counter word alone: windows whose low word would wrap (past
     // 2^34 elements) take the scalar code.
     for (; i < n; ++i) {
@@ -172,7 +169,7 @@ template <typename acc_t>
 void scale_kept(const uint64_t* bits, int64_t count, acc_t keep, acc_t* values) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (use_avx2()) return scale_kept_avx2(bits, count, keep, values);
+    if (avx2_enabled()) return scale_kept_avx2(bits, count, keep, values);
   }
 #endif
   for (int64_t e = 0; e < count; ++e) values[e] *= (bits[e >> 6] >> (e & 63)) & 1 ? keep : acc_t(0);
@@ -225,7 +222,7 @@ struct Dropout {
 // ---- per-token primitives -------------------------------------------------------------------
 //
 // The per-token loops are compiled twice: portable, and for AVX2 + FMA (8-wide fused multiply-adds,
-// about twice the portable build's SSE2 throughput), picked per call by use_avx2(). Each parallel
+// about twice the portable build's SSE2 throughput), picked per call by avx2_enabled(). Each parallel
 // body is a lambda forced inline, with everything it calls, into both run_tokens_* functions, so
 // that the target attribute of run_tokens_avx2 reaches all of its loops.
 #if defined(__GNUC__)
@@ -280,7 +277,7 @@ template <typename Body>
 void parallel_tokens(int64_t N, int64_t slices, const Body& body) {
   parallel_slices(N, slices, [&](int64_t slice, int64_t begin, int64_t end) {
 #if defined(__x86_64__)
-    if (use_avx2()) return run_tokens_avx2(slice, begin, end, body);
+    if (avx2_enabled()) return run_tokens_avx2(slice, begin, end, body);
 #endif
     run_tokens_portable(slice, begin, end, body);
   });
@@ -608,22 +605,32 @@ bool use_rank_gemms(const c10::optional<at::Tensor>& kernel, at::ScalarType dtyp
   return !kernel.has_value() && plain_gemm(1, 0.0, dtype);
 }
 
+// Rows first .. first + count - 1 of src (an (N, F) matrix) with their keep-bits applied, written from
+// dst on (dst may be row `first` of src itself: then in place). With draw, the bits are drawn into
+// keep_all first; else keep_all holds them.
+template <typename scalar_t>
+void keep_rows(const scalar_t* src, int64_t first, int64_t count, int64_t F, uint64_t* keep_all, const Dropout& drop,
+               bool draw, scalar_t* dst) {
+  const int64_t words = keep_words(F);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t n = first + i;
+    uint64_t* bits = keep_all + n * words;
+    if (draw) drop.keep_bits(n * F, F, bits);
+    if (dst != src + first * F) std::copy(src + n * F, src + (n + 1) * F, dst + i * F);
+    scale_kept(bits, F, drop.keep_scale<scalar_t>(), dst + i * F);
+  }
+}
+
 // dst = src with the keep-bits of its rows applied (dst may be src). With draw, the bits are drawn
 // into keep first; else keep holds them. fp32/fp64 (the rank-GEMM path's types).
 void apply_keep_bits(const at::Tensor& src, at::Tensor& dst, const at::Tensor& keep, const Dropout& drop, bool draw) {
-  const int64_t N = src.size(0), F = src.size(1), words = keep_words(F);
+  const int64_t N = src.size(0), F = src.size(1);
   uint64_t* keep_all = reinterpret_cast<uint64_t*>(keep.data_ptr<int64_t>());
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "apply_keep_bits", [&] {
     const scalar_t* sp = src.data_ptr<scalar_t>();
     scalar_t* dp = dst.data_ptr<scalar_t>();
-    const scalar_t keep_scale = drop.keep_scale<scalar_t>();
     at::parallel_for(0, N, std::max<int64_t>(1, (int64_t(1) << 14) / F), [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        uint64_t* bits = keep_all + n * words;
-        if (draw) drop.keep_bits(n * F, F, bits);
-        if (dp != sp) std::copy(sp + n * F, sp + (n + 1) * F, dp + n * F);
-        scale_kept(bits, F, keep_scale, dp + n * F);
-      }
+      keep_rows(sp, begin, end - begin, F, keep_all, drop, draw, dp + begin * F);
     });
   });
 }
@@ -666,18 +673,6 @@ struct RankFactors {
   }
 };
 
-// Rows n0 .. n0 + count - 1 of x into buffer with their keep-bits applied (drawn into keep first with draw).
-void load_kept_rows(const float* x, int64_t n0, int64_t count, int64_t F, uint64_t* keep_all, const Dropout& drop,
-                    bool draw, float* buffer) {
-  const int64_t words = keep_words(F);
-  for (int64_t i = 0; i < count; ++i) {
-    uint64_t* bits = keep_all + (n0 + i) * words;
-    if (draw) drop.keep_bits((n0 + i) * F, F, bits);
-    std::copy(x + (n0 + i) * F, x + (n0 + i + 1) * F, buffer + i * F);
-    scale_kept(bits, F, drop.keep_scale<float>(), buffer + i * F);
-  }
-}
-
 // y = b + s · C·(drop(x) Aᵀ) Bᵀ and T = drop(x) Aᵀ, block by block (the caller adds x Wᵀ).
 void rank_forward(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& bias, const at::Tensor& T,
                   const RankFactors& f, double scaling, const Dropout& drop, const at::Tensor& keep) {
@@ -693,7 +688,7 @@ void rank_forward(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Te
       const int64_t n0 = blk * block, count = std::min(block, N - n0);
       const float* xs = xp + n0 * in;
       if (drop.on()) {
-        load_kept_rows(xp, n0, count, in, keep_all, drop, /*draw=*/true, xbuf.data());
+        keep_rows(xp, n0, count, in, keep_all, drop, /*draw=*/true, xbuf.data());
         xs = xbuf.data();
       }
       float* t = T.data_ptr<float>() + n0 * R;
@@ -730,15 +725,14 @@ std::vector<at::Tensor> rank_backward(const at::Tensor& dy, const at::Tensor& x,
       for (int64_t i = 0; i < count * R; ++i) du[i] *= s;
       f.mix(du.data(), count, 1.0f, /*transpose=*/true, dt.data());                 // dT = Cᵀ dU
       if (dx != nullptr) {
-        float* rows = dx->data_ptr<float>() + n0 * in;
-        low_rank::expand(dt.data(), count, R, f.A.data_ptr<float>(), in, nullptr, rows, in);
-        for (int64_t i = 0; drop.on() && i < count; ++i)
-          scale_kept(keep_all + (n0 + i) * keep_words(in), in, drop.keep_scale<float>(), rows + i * in);
+        float* dxp = dx->data_ptr<float>();
+        low_rank::expand(dt.data(), count, R, f.A.data_ptr<float>(), in, nullptr, dxp + n0 * in, in);
+        if (drop.on()) keep_rows(dxp, n0, count, in, keep_all, drop, /*draw=*/false, dxp + n0 * in);
       }
       if (need_a) {  // dA += dTᵀ drop(x)
         const float* xs = xp + n0 * in;
         if (drop.on()) {
-          load_kept_rows(xp, n0, count, in, keep_all, drop, /*draw=*/false, xbuf.data());
+          keep_rows(xp, n0, count, in, keep_all, drop, /*draw=*/false, xbuf.data());
           xs = xbuf.data();
         }
         low_rank::accumulate_outer(dt.data(), count, R, xs, in, in, dA_parts.data_ptr<float>() + slice * R * in);
