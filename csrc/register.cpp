@@ -14,4 +14,6 @@ TORCH_LIBRARY(dcft_kernels, m) {
   m.def("cpp_shrink(Tensor v, Tensor M, int d, float scale, float p, SymInt seed) -> Tensor");
   m.def("cpp_expand_(Tensor(a!) out, Tensor U, Tensor M, float scale, float p, SymInt seed) -> ()");
   m.def("cpp_reduce(Tensor v, Tensor U, int blocks, float p, SymInt seed) -> Tensor");
+  // How many threads the extension's at::parallel_for(0, n) runs on: a check of the build (see setup.py).
+  m.def("cpp_threads_used(int n) -> int", &dcft_kernels::cpu_threads_used);
 }

@@ -24,4 +24,9 @@ std::vector<at::Tensor> structured_delta_backward_cpu(
     const at::Tensor& T, const at::Tensor& keep, double scaling, double p, bool need_x, bool need_a, bool need_b,
     bool need_c, bool need_k);
 
+// The number of distinct threads at::parallel_for(0, n, 1, ...) runs on in this extension: min(n, torch's
+// threads) when it is compiled with OpenMP, else 1 (at::parallel_for is a header template that runs a
+// serial loop in a file compiled without it).
+int64_t cpu_threads_used(int64_t n);
+
 }  // namespace dcft_kernels

@@ -26,6 +26,9 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#include <mutex>
+#include <set>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -989,6 +992,16 @@ at::Tensor reduce_cpu(const at::Tensor& v_in, const at::Tensor& U_in, int64_t bl
 }
 
 }  // namespace
+
+int64_t cpu_threads_used(int64_t n) {
+  std::mutex mutex;
+  std::set<std::thread::id> ids;
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    ids.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(ids.size());
+}
 
 TORCH_LIBRARY_IMPL(dcft_kernels, CPU, m) {
   m.impl("cpp_shrink", &shrink_cpu);

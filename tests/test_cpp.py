@@ -256,3 +256,17 @@ def test_gradients_repeat_bit_for_bit_from_call_to_call(kernel):
             assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_cpp
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="this torch does not run on OpenMP")
+def test_the_cpu_passes_run_on_several_threads():
+    """at::parallel_for is a header template: in an extension compiled without OpenMP it runs every
+    pass on one thread, silently (setup.py adds -fopenmp where torch runs on OpenMP)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.ops.dcft_kernels.cpp_threads_used(2) == 2
+        assert torch.ops.dcft_kernels.cpp_threads_used(1) == 1
+    finally:
+        torch.set_num_threads(threads)

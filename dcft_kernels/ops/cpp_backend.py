@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from functools import lru_cache
 
 import torch
@@ -21,7 +22,9 @@ CPU_SOURCES = ["register.cpp", "structured_delta_cpu.cpp", "low_rank_cpu.cpp"]
 CUDA_SOURCES = ["structured_delta_cuda.cu"]
 # Portable by default, like setup.py's build; DCFT_KERNELS_CPU_FLAGS="-O3 -march=native" tunes for
 # this machine's CPU (a build that is then copied to an older CPU dies with an illegal instruction).
-CPU_FLAGS = os.environ.get("DCFT_KERNELS_CPU_FLAGS", "-O3").split()
+# -fopenmp as in setup.py: without it at::parallel_for, a header template, runs on one thread.
+CPU_FLAGS = os.environ.get("DCFT_KERNELS_CPU_FLAGS", "-O3").split() + (
+    ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else [])
 
 
 def cuda_build_possible() -> bool:
