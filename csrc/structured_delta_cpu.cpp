@@ -355,9 +355,30 @@ DCFT_INLINE void outer_row(acc_t* __restrict__ G, int64_t F, const acc_t* __rest
 }
 
 // A (blocks, R) factor expanded to one value per feature: Mexp[r][k] = M[k / d][r], R × F.
+// Written out, not as ATen ops: per call, these small-factor steps cost more than the pass at a few tokens.
 template <typename acc_t>
-at::Tensor expand_factor(const at::Tensor& M, int64_t d, int64_t F) {
-  return M.t().to(c10::CppTypeToScalarType<acc_t>::value).repeat_interleave(d, 1).narrow(1, 0, F).contiguous();
+at::Tensor expand_factor(const at::Tensor& M_in, int64_t d, int64_t F) {
+  const auto M = M_in.to(c10::CppTypeToScalarType<acc_t>::value);  // any strides
+  const int64_t R = M.size(1), s0 = M.stride(0), s1 = M.stride(1);
+  auto out = at::empty({R, F}, M.options().memory_format(at::MemoryFormat::Contiguous));
+  const acc_t* m = M.template data_ptr<acc_t>();
+  acc_t* o = out.template data_ptr<acc_t>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = 0; k < F; ++k) o[r * F + k] = m[(k / d) * s0 + r * s1];
+  return out;
+}
+
+// A small matrix in the accumulation type, row-major, as a vector; the n × n identity when absent.
+template <typename acc_t>
+std::vector<acc_t> small_matrix(const c10::optional<at::Tensor>& m, int64_t n) {
+  std::vector<acc_t> out(n * n, acc_t(0));
+  if (!m.has_value()) {
+    for (int64_t i = 0; i < n; ++i) out[i * n + i] = 1;
+    return out;
+  }
+  const auto t = m->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  std::copy(t.template data_ptr<acc_t>(), t.template data_ptr<acc_t>() + n * n, out.begin());
+  return out;
 }
 
 // Runs body with the lane width as a compile-time constant: 32 where d divides it, else 0 (runtime).
@@ -374,26 +395,18 @@ template <typename acc_t>
 struct Factors {
   int64_t R, d;
   at::Tensor Aexp, Bexp;  // R × in, R × out: Aexp[r][k] = A[r][k / d], Bexp[r][m] = B[m / d][r]
-  at::Tensor C, K;        // R × R, d × d (identity when absent)
-  bool has_c, has_k;
+  std::vector<acc_t> C, K;  // R × R, d × d, row-major (identity when absent)
 
   Factors(const at::Tensor& A, const at::Tensor& B, const c10::optional<at::Tensor>& core,
-          const c10::optional<at::Tensor>& kernel, int64_t in, int64_t out) {
-    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    R = A.size(0);
-    has_k = kernel.has_value();
-    has_c = core.has_value();
-    d = has_k ? kernel->size(0) : 1;
-    Aexp = expand_factor<acc_t>(A.t(), d, in);
-    Bexp = expand_factor<acc_t>(B, d, out);
-    C = has_c ? core->to(acc).contiguous() : at::eye(R, A.options().dtype(acc));
-    K = has_k ? kernel->to(acc).contiguous() : at::eye(d, A.options().dtype(acc));
-  }
+          const c10::optional<at::Tensor>& kernel, int64_t in, int64_t out)
+      : R(A.size(0)), d(kernel.has_value() ? kernel->size(0) : 1),
+        Aexp(expand_factor<acc_t>(A.t(), d, in)), Bexp(expand_factor<acc_t>(B, d, out)),
+        C(small_matrix<acc_t>(core, R)), K(small_matrix<acc_t>(kernel, d)) {}
 
   // U = C · T · Kᵀ (r × d) for one token.
   DCFT_INLINE void mix(const acc_t* T, acc_t* U, acc_t* tmp) const {
-    const acc_t* c = C.data_ptr<acc_t>();
-    const acc_t* k = K.data_ptr<acc_t>();
+    const acc_t* c = C.data();
+    const acc_t* k = K.data();
     for (int64_t s = 0; s < R; ++s)  // tmp = T · Kᵀ
       for (int64_t e = 0; e < d; ++e) {
         acc_t sum = 0;
@@ -410,8 +423,8 @@ struct Factors {
 
   // dT = Cᵀ · dU · K (r × d) for one token.
   DCFT_INLINE void mix_transposed(const acc_t* dU, acc_t* dT, acc_t* tmp) const {
-    const acc_t* c = C.data_ptr<acc_t>();
-    const acc_t* k = K.data_ptr<acc_t>();
+    const acc_t* c = C.data();
+    const acc_t* k = K.data();
     for (int64_t r = 0; r < R; ++r)  // tmp = dU · K
       for (int64_t j = 0; j < d; ++j) {
         acc_t sum = 0;
@@ -521,8 +534,8 @@ void adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   const acc_t* t_all = T.data_ptr<acc_t>();
   const acc_t* Aexp = f.Aexp.template data_ptr<acc_t>();
   const acc_t* Bexp = f.Bexp.template data_ptr<acc_t>();
-  const acc_t* c = f.C.template data_ptr<acc_t>();
-  const acc_t* k = f.K.template data_ptr<acc_t>();
+  const acc_t* c = f.C.data();
+  const acc_t* k = f.K.data();
   const int64_t words = keep_words(in);
   const uint64_t* keep_all = drop.on() ? reinterpret_cast<const uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
   const acc_t keep_scale = drop.keep_scale<acc_t>();
@@ -582,12 +595,17 @@ void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   TORCH_CHECK(x.device().is_cpu(), "dcft_kernels cpp_forward/cpp_backward: CPU tensors expected");
 }
 
-// Fold an expanded R × F gradient back to the factor's own shape: out[r][k / d] += G[r][k].
-at::Tensor fold_expanded(const at::Tensor& G, int64_t d, int64_t blocks) {
-  const int64_t R = G.size(0), F = G.size(1);
-  auto padded = at::zeros({R, blocks * d}, G.options());
-  padded.narrow(1, 0, F).copy_(G);
-  return padded.view({R, blocks, d}).sum(2);
+// Fold an expanded R × F gradient back to the factor's shape: out[r][k / d] += G[r][k], (R, blocks) — A's
+// layout — or with transposed, (blocks, R) — B's.
+template <typename acc_t>
+at::Tensor fold_expanded(const acc_t* G, int64_t R, int64_t F, int64_t d, int64_t blocks, bool transposed,
+                         const at::TensorOptions& options) {
+  const std::vector<int64_t> shape = transposed ? std::vector<int64_t>{blocks, R} : std::vector<int64_t>{R, blocks};
+  auto out = at::zeros(shape, options.dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* o = out.template data_ptr<acc_t>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = 0; k < F; ++k) o[transposed ? (k / d) * R + r : r * blocks + k / d] += G[r * F + k];
+  return out;
 }
 
 // A small (rows, r) matrix with the same values, laid out column-major (a transposed view of a copy).
@@ -877,8 +895,11 @@ std::vector<at::Tensor> structured_delta_backward_cpu(
       }
       return total;
     };
-    if (need_a) dA = fold_expanded(sum_parts(&Partials<acc_t>::dAexp, R, in), d, A.size(1)).to(A.scalar_type());
-    if (need_b) dB = fold_expanded(sum_parts(&Partials<acc_t>::dBexp, R, out), d, B.size(0)).t().contiguous().to(B.scalar_type());
+    auto fold = [&](const at::Tensor& G, int64_t blocks, bool transposed) {
+      return fold_expanded(G.data_ptr<acc_t>(), R, G.size(1), d, blocks, transposed, x.options());
+    };
+    if (need_a) dA = fold(sum_parts(&Partials<acc_t>::dAexp, R, in), A.size(1), false).to(A.scalar_type());
+    if (need_b) dB = fold(sum_parts(&Partials<acc_t>::dBexp, R, out), B.size(0), true).to(B.scalar_type());
     if (need_c) dC = sum_parts(&Partials<acc_t>::dC, R, R).to(core->scalar_type());
     if (need_k) dK = sum_parts(&Partials<acc_t>::dK, d, d).to(kernel->scalar_type());
   });
@@ -986,7 +1007,7 @@ at::Tensor reduce_cpu(const at::Tensor& v_in, const at::Tensor& U_in, int64_t bl
     acc_t* gp = G.data_ptr<acc_t>();
     for (const auto& part : partials)
       for (int64_t i = 0; i < R * F; ++i) gp[i] += part[i];
-    total = fold_expanded(G, d, blocks).t().contiguous();
+    total = fold_expanded(gp, R, F, d, blocks, /*transposed=*/true, U.options());
   });
   return total;
 }
