@@ -360,7 +360,7 @@ template <typename acc_t>
 at::Tensor expand_factor(const at::Tensor& M_in, int64_t d, int64_t F) {
   const auto M = M_in.to(c10::CppTypeToScalarType<acc_t>::value);  // any strides
   const int64_t R = M.size(1), s0 = M.stride(0), s1 = M.stride(1);
-  auto out = at::empty({R, F}, M.options().memory_format(at::MemoryFormat::Contiguous));
+  auto out = at::empty({R, F}, M.options());
   const acc_t* m = M.template data_ptr<acc_t>();
   acc_t* o = out.template data_ptr<acc_t>();
   for (int64_t r = 0; r < R; ++r)
@@ -666,7 +666,7 @@ bool use_rank_pass(const c10::optional<at::Tensor>& kernel, at::ScalarType dtype
   return !kernel.has_value() && dtype == at::kFloat && avx2_enabled();
 }
 
-// Tokens per block: a block of x and one of dy (or y) together ~256 KB, in a core's L2.
+// Tokens per block: a block of x and one of dy (or y) together ~128 KB (2^15 floats), in a core's L2.
 inline int64_t rank_block(int64_t in, int64_t out) {
   return std::clamp<int64_t>((int64_t(1) << 15) / std::max<int64_t>(1, in + out), 4, 1024) / 4 * 4;
 }

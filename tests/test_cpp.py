@@ -2,6 +2,7 @@
 
 The numerical checks of backend="cpp" run in the shared matrix of test_op.py / test_modules.py.
 """
+import contextlib
 import os
 import shutil
 import subprocess
@@ -239,14 +240,22 @@ def test_gemm_path_without_avx2_matches_reference():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@contextlib.contextmanager
+def _torch_threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @needs_cpp
 @pytest.mark.parametrize("kernel", [True, False])
 def test_gradients_repeat_bit_for_bit_from_call_to_call(kernel):
     """Work is handed to threads on demand, but partial sums are kept per fixed slice of tokens: two
     calls give the same bits, whichever thread ran which slice."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with _torch_threads(2):
         pb = make_problem((1024,), 256, 256, 8 if kernel else 1, 1 if kernel else 8, kernel=kernel, seed=4)
         trained = [t for t in pb.tensors() if t.requires_grad]
         grad_y = torch.randn(1024, 256, generator=torch.Generator().manual_seed(0))
@@ -254,8 +263,6 @@ def test_gradients_repeat_bit_for_bit_from_call_to_call(kernel):
         for _ in range(3):
             again = torch.autograd.grad(_cpp_run(0.1)(pb), trained, grad_y)
             assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @needs_cpp
@@ -264,10 +271,6 @@ def test_gradients_repeat_bit_for_bit_from_call_to_call(kernel):
 def test_the_cpu_passes_run_on_several_threads():
     """at::parallel_for is a header template: in an extension compiled without OpenMP it runs every
     pass on one thread, silently (setup.py adds -fopenmp where torch runs on OpenMP)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with _torch_threads(2):
         assert torch.ops.dcft_kernels.cpp_threads_used(2) == 2
         assert torch.ops.dcft_kernels.cpp_threads_used(1) == 1
-    finally:
-        torch.set_num_threads(threads)
